@@ -1,0 +1,613 @@
+"""VOLO: Vision Outlooker for Visual Recognition (Yuan et al., arXiv 2106.13112).
+
+State-dict keys and shapes match the released checkpoints. Feature maps are channels-last
+(B, H, W, C) between blocks, as in the reference. Outlook attention gathers its windows with
+strided slices and scatters them back with strided adds instead of unfold/fold: the same
+function, cheaper on CPU and GPU, and exportable to ONNX without Col2Im.
+"""
+import math
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import register_model
+
+__all__ = ['VOLO', 'volo_d1', 'volo_d2', 'volo_d3', 'volo_d4', 'volo_d5']
+
+
+def unfold_windows(v: torch.Tensor, num_heads: int, kernel_size: int, stride: int, padding: int,
+                   out_h: int, out_w: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, out_h, out_w, heads, k*k, C/heads): the k x k window of every output cell."""
+    B, H, W, C = v.shape
+    k = kernel_size
+    v = F.pad(v, (0, 0, padding, padding, padding, padding))
+    v = v.unfold(1, k, stride).unfold(2, k, stride)[:, :out_h, :out_w]  # B,h,w,C,k,k (a view)
+    v = v.unflatten(3, (num_heads, C // num_heads)).permute(0, 1, 2, 3, 5, 6, 4)
+    return v.reshape(B, out_h, out_w, num_heads, k * k, C // num_heads)
+
+
+def fold_windows(y: torch.Tensor, height: int, width: int, kernel_size: int, stride: int,
+                 padding: int) -> torch.Tensor:
+    """(B, h, w, heads, k*k, d) -> (B, H, W, heads*d): sum every window back onto the map."""
+    B, h, w, num_heads, _, head_dim = y.shape
+    k, s = kernel_size, stride
+    out = y.new_zeros(B, height + 2 * padding, width + 2 * padding, num_heads, head_dim)
+    span_h, span_w = s * (h - 1) + 1, s * (w - 1) + 1
+    for i in range(k):
+        for j in range(k):
+            out[:, i:i + span_h:s, j:j + span_w:s] += y[:, :, :, :, i * k + j]
+    out = out[:, padding:padding + height, padding:padding + width]
+    return out.reshape(B, height, width, num_heads * head_dim)
+
+
+class _UnfoldWindows(torch.autograd.Function):
+    """unfold_windows with its adjoint, fold_windows, as the backward."""
+
+    @staticmethod
+    def forward(ctx, v, num_heads, kernel_size, stride, padding, out_h, out_w):
+        ctx.geometry = (v.shape[1], v.shape[2], kernel_size, stride, padding)
+        return unfold_windows(v, num_heads, kernel_size, stride, padding, out_h, out_w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _FoldWindows.apply(grad, *ctx.geometry), None, None, None, None, None, None
+
+
+class _FoldWindows(torch.autograd.Function):
+    """fold_windows with its adjoint, unfold_windows, as the backward. Autograd through the
+    in-place strided adds would clone and zero the whole map once per window offset."""
+
+    @staticmethod
+    def forward(ctx, y, height, width, kernel_size, stride, padding):
+        ctx.geometry = (y.shape[3], kernel_size, stride, padding, y.shape[1], y.shape[2])
+        return fold_windows(y, height, width, kernel_size, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _UnfoldWindows.apply(grad, *ctx.geometry), None, None, None, None, None
+
+
+def softmax_small(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(x * scale) over a short last dimension (k*k = 9): on CPU, PyTorch's softmax kernel
+    is several times slower for such rows than these elementwise passes."""
+    x = x * scale
+    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
+class _SoftmaxSmall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        y = softmax_small(x, scale)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        dot = (grad * y).sum(dim=-1, keepdim=True)
+        return (grad - dot).mul_(y).mul_(ctx.scale), None
+
+
+def outlook_softmax(x, scale):
+    if x.is_cuda:
+        return (x * scale).softmax(dim=-1)
+    if _needs_grad(x):
+        return _SoftmaxSmall.apply(x, scale)
+    return softmax_small(x, scale)
+
+
+def _needs_grad(t):
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def outlook_unfold(v, num_heads, kernel_size, stride, padding, out_h, out_w):
+    if _needs_grad(v):
+        return _UnfoldWindows.apply(v, num_heads, kernel_size, stride, padding, out_h, out_w)
+    return unfold_windows(v, num_heads, kernel_size, stride, padding, out_h, out_w)
+
+
+def outlook_fold(y, height, width, kernel_size, stride, padding):
+    if _needs_grad(y):
+        return _FoldWindows.apply(y, height, width, kernel_size, stride, padding)
+    return fold_windows(y, height, width, kernel_size, stride, padding)
+
+
+class OutlookAttention(nn.Module):
+    """Each output cell predicts, from the pooled input, a k^2 x k^2 attention over its window."""
+
+    def __init__(self, dim, num_heads, kernel_size=3, padding=1, stride=1, qkv_bias=False,
+                 qk_scale=None, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.kernel_size = kernel_size
+        self.padding = padding
+        self.stride = stride
+        self.scale = qk_scale or head_dim ** -0.5
+
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn = nn.Linear(dim, kernel_size ** 4 * num_heads)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        h, w = math.ceil(H / s), math.ceil(W / s)
+        if (H + 2 * p - k) // s + 1 != h or (W + 2 * p - k) // s + 1 != w:
+            raise ValueError(
+                f'OutlookAttention(kernel_size={k}, stride={s}, padding={p}) needs as many windows '
+                f'as pooled cells; a {H}x{W} map gives {(H + 2 * p - k) // s + 1}x'
+                f'{(W + 2 * p - k) // s + 1} windows and {h}x{w} cells')
+
+        v = outlook_unfold(self.v(x), self.num_heads, k, s, p, h, w)  # B,h,w,heads,kk,d
+        attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        attn = self.attn(attn).reshape(B, h, w, self.num_heads, k * k, k * k)
+        attn = outlook_softmax(attn, self.scale)
+        attn = self.attn_drop(attn)
+
+        x = outlook_fold(attn @ v, H, W, k, s, p)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class Outlooker(nn.Module):
+    def __init__(self, dim, kernel_size, padding, stride=1, num_heads=1, mlp_ratio=3., attn_drop=0.,
+                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm, qkv_bias=False,
+                 qk_scale=None):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = OutlookAttention(dim, num_heads, kernel_size=kernel_size, padding=padding,
+                                     stride=stride, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                                     attn_drop=attn_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (B, N, C) tokens."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, attn_drop=0.,
+                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                              attn_drop=attn_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ClassAttention(nn.Module):
+    """CaiT-style class attention: the class token queries all tokens."""
+
+    def __init__(self, dim, num_heads=8, head_dim=None, qkv_bias=False, qk_scale=None, attn_drop=0.,
+                 proj_drop=0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.kv = nn.Linear(dim, self.head_dim * num_heads * 2, bias=qkv_bias)
+        self.q = nn.Linear(dim, self.head_dim * num_heads, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(self.head_dim * num_heads, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.q(x[:, :1]).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        cls = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        cls = self.proj(cls.transpose(1, 2).reshape(B, 1, self.head_dim * self.num_heads))
+        return self.proj_drop(cls)
+
+
+class ClassBlock(nn.Module):
+    """Updates the class token only; patch tokens pass through."""
+
+    def __init__(self, dim, num_heads, head_dim=None, mlp_ratio=4., qkv_bias=False, qk_scale=None,
+                 drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = ClassAttention(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias,
+                                   qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
+                       drop=drop)
+
+    def forward(self, x):
+        cls = x[:, :1]
+        cls = cls + self.drop_path(self.attn(self.norm1(x)))
+        cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
+        return torch.cat([cls, x[:, 1:]], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Three-conv stem at stride 2, then a patch projection: total stride patch_size."""
+
+    def __init__(self, patch_size=8, in_chans=3, hidden_dim=64, embed_dim=384):
+        super().__init__()
+        if patch_size not in (4, 8, 16):
+            raise ValueError(f'patch_size must be 4, 8 or 16, got {patch_size}')
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_chans, hidden_dim, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.proj = nn.Conv2d(hidden_dim, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+
+    def forward(self, x):
+        # channels-last convs are faster on CPU and GPU, and make the NHWC permute after the stem free
+        return self.proj(self.conv(x.contiguous(memory_format=torch.channels_last)))
+
+
+class Downsample(nn.Module):
+    """Channels-last patch merging: conv with kernel = stride = patch_size."""
+
+    def __init__(self, in_embed_dim, out_embed_dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_embed_dim, out_embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def rand_token_box(grid_h: int, grid_w: int, lam: float) -> Tuple[int, int, int, int]:
+    """CutMix box on the token grid as (row1, col1, row2, col2), drawn from torch's RNG."""
+    cut_rat = math.sqrt(1. - lam)
+    cut_h, cut_w = int(grid_h * cut_rat), int(grid_w * cut_rat)
+    cy = int(torch.randint(grid_h, (1,)))
+    cx = int(torch.randint(grid_w, (1,)))
+    row1, row2 = min(max(cy - cut_h // 2, 0), grid_h), min(max(cy + cut_h // 2, 0), grid_h)
+    col1, col2 = min(max(cx - cut_w // 2, 0), grid_w), min(max(cx + cut_w // 2, 0), grid_w)
+    return row1, col1, row2, col2
+
+
+class VOLO(nn.Module):
+    """Outlooker stage at stride 8, transformer stages at stride 16, two class-attention blocks.
+
+    Eval mode returns logits `head(cls) + 0.5 * max_tokens(aux_head(patches))`; train mode returns
+    `(cls_logits, aux_logits, (row1, col1, row2, col2))` with the MixToken box on the token grid.
+    """
+
+    def __init__(self, layers, img_size=224, in_chans=3, num_classes=1000, patch_size=8,
+                 stem_hidden_dim=64, embed_dims=None, num_heads=None, downsamples=None,
+                 outlook_attention=None, mlp_ratios=None, qkv_bias=False, qk_scale=None, drop_rate=0.,
+                 attn_drop_rate=0., drop_path_rate=0., norm_layer=nn.LayerNorm, post_layers=('ca', 'ca'),
+                 return_mean=False, return_dense=True, mix_token=True, pooling_scale=2, out_kernel=3,
+                 out_stride=2, out_padding=1):
+        super().__init__()
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        step = patch_size * pooling_scale
+        if img_h % step or img_w % step:
+            raise ValueError(f'img_size {img_size} must be a multiple of {step} (patch_size x pooling_scale)')
+        if len({len(layers), len(embed_dims), len(num_heads), len(downsamples),
+                len(outlook_attention), len(mlp_ratios)}) != 1:
+            raise ValueError('layers, embed_dims, num_heads, downsamples, outlook_attention and '
+                             'mlp_ratios must have one entry per stage')
+        for post in post_layers or ():
+            if post != 'ca':
+                raise ValueError(f"post_layers entries must be 'ca' (class attention), got {post!r}")
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        self.return_mean = return_mean
+        self.return_dense = return_dense
+        self.mix_token = mix_token
+        self.beta = 1.0
+        self.pooling_scale = pooling_scale
+        self.grad_checkpointing = False
+        if mix_token and not return_dense:
+            raise ValueError('mix_token needs return_dense=True: the dense predictions are un-mixed')
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, stem_hidden_dim, embed_dims[0])
+        self.pos_embed = nn.Parameter(torch.zeros(1, img_h // step, img_w // step, embed_dims[-1]))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        total_blocks = sum(layers)
+        network = []
+        for i, depth in enumerate(layers):
+            blocks = []
+            for j in range(depth):
+                if outlook_attention[i]:
+                    blocks.append(Outlooker(
+                        embed_dims[i], kernel_size=out_kernel, padding=out_padding, stride=out_stride,
+                        num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
+                        qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer))
+                else:
+                    dpr = drop_path_rate * (j + sum(layers[:i])) / max(total_blocks - 1, 1)
+                    blocks.append(Transformer(
+                        embed_dims[i], num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
+                        qk_scale=qk_scale, attn_drop=attn_drop_rate, drop_path=dpr,
+                        norm_layer=norm_layer))
+            network.append(nn.Sequential(*blocks))
+            if downsamples[i]:
+                network.append(Downsample(embed_dims[i], embed_dims[i + 1], 2))
+        self.network = nn.ModuleList(network)
+
+        self.post_network = None
+        if post_layers:
+            self.post_network = nn.ModuleList([
+                ClassBlock(embed_dims[-1], num_heads[-1], mlp_ratio=mlp_ratios[-1], qkv_bias=qkv_bias,
+                           qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer)
+                for _ in post_layers])
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
+            trunc_normal_(self.cls_token, std=.02)
+
+        self.aux_head = None
+        if return_dense:
+            self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        trunc_normal_(self.pos_embed, std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        """Replace both heads (class token and dense) for a new class count; 0 removes them."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if self.aux_head is not None:
+            self.aux_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        for m in (self.head, self.aux_head):
+            if m is not None:
+                self._init_weights(m)
+
+    def _run(self, blocks, x):
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_tokens(self, x):
+        """Stem output (B, H, W, C) -> normed tokens (B, [1 +] N, C)."""
+        for idx, stage in enumerate(self.network):
+            if idx == 2:  # after the downsample: position embedding, then tokens
+                x = self.pos_drop(x + self.pos_embed)
+                x = x.flatten(1, 2)
+            x = self._run(stage, x) if isinstance(stage, nn.Sequential) else stage(x)
+        if x.ndim == 4:
+            x = x.flatten(1, 2)
+        if self.post_network is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = self._run(self.post_network, x)
+        return self.norm(x)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        return self.forward_tokens(x)
+
+    def forward_head(self, x, pre_logits=False):
+        if self.return_mean:
+            x = x.mean(1)
+            return x if pre_logits else self.head(x)
+        if self.post_network is None:
+            raise ValueError('without class-attention blocks the model has no class token: '
+                             'build it with return_mean=True')
+        cls = x[:, 0]
+        if pre_logits:
+            return cls
+        logits = self.head(cls)
+        if self.aux_head is not None:
+            logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(1)[0]
+        return logits
+
+    def forward_train(self, x):
+        """Class logits, dense logits of every token, and the MixToken box (zeros when off)."""
+        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        grid_h, grid_w = x.shape[1] // self.pooling_scale, x.shape[2] // self.pooling_scale
+        box = (0, 0, 0, 0)
+        if self.mix_token:
+            lam = float(torch.distributions.Beta(self.beta, self.beta).sample())
+            box = rand_token_box(grid_h, grid_w, lam)
+            r1, c1, r2, c2 = (b * self.pooling_scale for b in box)
+            mixed = x.clone()
+            mixed[:, r1:r2, c1:c2] = x.flip(0)[:, r1:r2, c1:c2]
+            x = mixed
+        x = self.forward_tokens(x)
+        cls_logits = self.head(x[:, 0])
+        aux = self.aux_head(x[:, 1:])
+        if self.mix_token:
+            r1, c1, r2, c2 = box
+            aux = aux.reshape(aux.shape[0], grid_h, grid_w, aux.shape[-1])
+            unmixed = aux.clone()
+            unmixed[:, r1:r2, c1:c2] = aux.flip(0)[:, r1:r2, c1:c2]
+            aux = unmixed.reshape(aux.shape[0], grid_h * grid_w, aux.shape[-1])
+        return cls_logits, aux, box
+
+    def forward(self, x):
+        if self.training and self.return_dense and not self.return_mean:
+            return self.forward_train(x)
+        return self.forward_head(self.forward_features(x))
+
+
+def _release(file, img_size, crop_pct):
+    return {
+        'url': f'https://github.com/sail-sg/volo/releases/download/volo_1/{file}',
+        'num_classes': 1000, 'input_size': (3, img_size, img_size), 'pool_size': None,
+        'crop_pct': crop_pct, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.conv.0', 'classifier': ('head', 'aux_head'), 'license': 'apache-2.0',
+    }
+
+
+# released ImageNet-1k weights per variant and resolution; crop_pct as independently re-evaluated
+RELEASES = {
+    'volo_d1': {224: _release('d1_224_84.2.pth.tar', 224, 0.96),
+                384: _release('d1_384_85.2.pth.tar', 384, 1.0)},
+    'volo_d2': {224: _release('d2_224_85.2.pth.tar', 224, 0.96),
+                384: _release('d2_384_86.0.pth.tar', 384, 1.0)},
+    'volo_d3': {224: _release('d3_224_85.4.pth.tar', 224, 0.96),
+                448: _release('d3_448_86.3.pth.tar', 448, 1.0)},
+    'volo_d4': {224: _release('d4_224_85.7.pth.tar', 224, 0.96),
+                448: _release('d4_448_86.79.pth.tar', 448, 1.15)},
+    'volo_d5': {224: _release('d5_224_86.10.pth.tar', 224, 0.96),
+                448: _release('d5_448_87.0.pth.tar', 448, 1.15),
+                512: _release('d5_512_87.07.pth.tar', 512, 1.15)},
+}
+
+VARIANTS = {
+    'volo_d1': dict(layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12),
+                    mlp_ratios=(3, 3, 3, 3), stem_hidden_dim=64),
+    'volo_d2': dict(layers=(6, 4, 10, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16),
+                    mlp_ratios=(3, 3, 3, 3), stem_hidden_dim=64),
+    'volo_d3': dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16),
+                    mlp_ratios=(3, 3, 3, 3), stem_hidden_dim=64),
+    'volo_d4': dict(layers=(8, 8, 16, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
+                    mlp_ratios=(3, 3, 3, 3), stem_hidden_dim=64),
+    'volo_d5': dict(layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
+                    mlp_ratios=(4, 4, 4, 4), stem_hidden_dim=128),
+}
+
+
+def _resolve_cfg(variant, img_size, pretrained_cfg, overlay):
+    """The release config for the requested resolution (or release tag `sail_in1k_<res>`): the
+    exact release, else the nearest one with the input size replaced (its pos_embed is resized)."""
+    releases = RELEASES[variant]
+    if hasattr(pretrained_cfg, 'to_dict'):
+        pretrained_cfg = pretrained_cfg.to_dict()
+    if isinstance(pretrained_cfg, str):
+        tags = {f'sail_in1k_{res}': res for res in releases}
+        if pretrained_cfg not in tags:
+            raise ValueError(f'{variant} has no release tag {pretrained_cfg!r}; known: {sorted(tags)}')
+        cfg = dict(releases[tags[pretrained_cfg]])
+    elif isinstance(pretrained_cfg, dict):
+        cfg = dict(pretrained_cfg)
+    else:
+        size = 224 if img_size is None else img_size if isinstance(img_size, int) else max(img_size)
+        cfg = dict(releases[min(releases, key=lambda r: (abs(r - size), r))])
+    if img_size is None:
+        img_size = cfg['input_size'][-1]
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    cfg['input_size'] = (3, *hw)
+    cfg.update(overlay or {})
+    return img_size, cfg
+
+
+def _create_volo(variant, pretrained=False, **kwargs):
+    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
+    overlay = kwargs.pop('pretrained_cfg_overlay', None)
+    kwargs.pop('cache_dir', None)
+    img_size, cfg = _resolve_cfg(variant, kwargs.pop('img_size', None), pretrained_cfg, overlay)
+    model_args = dict(VARIANTS[variant], downsamples=(True, False, False, False),
+                      outlook_attention=(True, False, False, False))
+    model_args.update(kwargs)
+    model = VOLO(img_size=img_size, **model_args)
+    model.pretrained_cfg = model.default_cfg = cfg
+    if pretrained:
+        from utils.checkpoint import load_pretrained_weights
+        load_pretrained_weights(model, _fetch_release(cfg), strict=True)
+    return model
+
+
+def _fetch_release(cfg):
+    """Path of the release file: a local `file` entry, else the URL cached in torch.hub's dir."""
+    if cfg.get('file'):
+        return cfg['file']
+    url = cfg['url']
+    cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, os.path.basename(url))
+    if not os.path.isfile(target):
+        torch.hub.download_url_to_file(url, target, progress=True)
+    return target
+
+
+@register_model
+def volo_d1(pretrained=False, **kwargs):
+    """VOLO-D1: 26.6M params, 84.2 top-1 at 224 (85.2 at 384)."""
+    return _create_volo('volo_d1', pretrained, **kwargs)
+
+
+@register_model
+def volo_d2(pretrained=False, **kwargs):
+    """VOLO-D2: 58.7M params, 85.2 top-1 at 224 (86.0 at 384)."""
+    return _create_volo('volo_d2', pretrained, **kwargs)
+
+
+@register_model
+def volo_d3(pretrained=False, **kwargs):
+    """VOLO-D3: 86.3M params, 85.4 top-1 at 224 (86.3 at 448)."""
+    return _create_volo('volo_d3', pretrained, **kwargs)
+
+
+@register_model
+def volo_d4(pretrained=False, **kwargs):
+    """VOLO-D4: 193.0M params, 85.7 top-1 at 224 (86.8 at 448)."""
+    return _create_volo('volo_d4', pretrained, **kwargs)
+
+
+@register_model
+def volo_d5(pretrained=False, **kwargs):
+    """VOLO-D5: 295.5M params, 86.1 top-1 at 224 (87.0 at 448, 87.1 at 512)."""
+    return _create_volo('volo_d5', pretrained, **kwargs)

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Throughput and peak memory of this repo's models, optionally beside timm's implementation.
+
+    python tools/benchmark.py --model volo_d1 --img-size 224 -b 16 --mode infer --compare-timm
+    python tools/benchmark.py --model volo_d1 -b 8 --mode train --compare-timm --threads 2
+    python tools/benchmark.py --op outlook_attention -b 16 --compare-timm --threads 2
+
+Both implementations get the same weights and inputs; timings alternate between them and report
+medians. Peak memory is measured in a fresh process per implementation: on CUDA with the
+allocator's peak, on CPU with the kernel's resident-set high-water mark (reset before the run).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models  # noqa: E402,F401  (registers this repo's models)
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='volo_d1', help='registered model name (this repo)')
+    p.add_argument('--op', choices=['outlook_attention'], default=None,
+                   help='benchmark one block instead of a whole model')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('-b', '--batch-size', type=int, default=16)
+    p.add_argument('--mode', choices=['infer', 'train', 'both'], default='both')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--precision', choices=sorted(DTYPES), default='fp32', help='autocast dtype (fp32: none)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--iters', type=int, default=10)
+    p.add_argument('--compare-timm', action='store_true', help="also run timm's implementation")
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile both implementations')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    p.add_argument('--json', default=None, help='write the results here')
+    p.add_argument('--_memory-of', dest='memory_of', default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+class TimmVoloTrain(nn.Module):
+    """timm's VOLO in training mode, giving what ours gives: (class logits, dense logits).
+    timm's forward_train returns the class token's features, so its head is applied here."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if not self.training:
+            return self.model(x)
+        feats, aux, _ = self.model.forward_train(x)
+        return self.model.head(feats), aux
+
+
+def timm_name(name, img_size):
+    if name.startswith('volo_'):
+        return f'{name}_224', dict(img_size=img_size)
+    return name, dict(img_size=img_size) if 'visformer' not in name else {}
+
+
+def build_pair(args):
+    """(ours, timm's or None), same weights, in train mode."""
+    torch.manual_seed(0)
+    if args.op == 'outlook_attention':
+        from timm.models.volo import OutlookAttention as TimmOutlook
+        from models.volo import OutlookAttention
+        ours = OutlookAttention(192, 6, kernel_size=3, padding=1, stride=2)
+        ref = TimmOutlook(192, 6, kernel_size=3, padding=1, stride=2) if args.compare_timm else None
+    else:
+        kwargs = dict(img_size=args.img_size) if args.model.startswith('volo') else {}
+        if args.model.startswith('volo'):
+            kwargs['mix_token'] = False  # timm's has none; compare the same computation
+        ours = timm.create_model(args.model, **kwargs)
+        ref = None
+        if args.compare_timm:
+            name, ref_kwargs = timm_name(args.model, args.img_size)
+            ref = timm.create_model(name, **ref_kwargs)
+            if args.model.startswith('volo'):
+                ref = TimmVoloTrain(ref)
+                ref.model.load_state_dict(ours.state_dict(), strict=True)
+            else:
+                ref.load_state_dict(ours.state_dict(), strict=True)
+    if args.grad_checkpointing:
+        for m in (ours, ref):
+            if m is not None:
+                target = m.model if isinstance(m, TimmVoloTrain) else m
+                target.set_grad_checkpointing(True)
+    return ours, ref
+
+
+def make_input(args, device):
+    if args.op == 'outlook_attention':
+        return torch.randn(args.batch_size, args.img_size // 8, args.img_size // 8, 192, device=device)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def loss_of(output, target):
+    if isinstance(output, tuple):  # VOLO training output: class logits, dense logits (, box)
+        cls, aux = output[0], output[1]
+        dense = F.cross_entropy(aux.flatten(0, 1).float(), target.repeat_interleave(aux.shape[1]))
+        return F.cross_entropy(cls.float(), target) + 0.5 * dense
+    if output.ndim > 2:  # a single block's output
+        return output.float().square().mean()
+    return F.cross_entropy(output.float(), target)
+
+
+def make_step(model, args, device, mode):
+    """A closure that runs one inference batch or one full training step."""
+    x = make_input(args, device)
+    target = torch.randint(0, 1000, (args.batch_size,), device=device)
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[args.precision])
+                if args.precision != 'fp32' else nullcontext())
+    runner = torch.compile(model) if args.compile else model
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                runner(x)
+        return step
+    model.train()
+    if args.op:
+        x.requires_grad_(True)
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device=torch.device(device).type, enabled=args.precision == 'fp16')
+
+    def step():
+        with autocast:
+            loss = loss_of(runner(x), target)
+        scaler.scale(loss).backward()
+        if optimizer is not None:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_alternating(steps, args, device):
+    """Median seconds per step for each named step, running them in turn."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    sync(device)
+    times = {name: [] for name in steps}
+    for _ in range(args.iters):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _rss_kib(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def measure_memory_here(args, which, mode):
+    """Peak memory (MiB) of `mode` steps of one implementation, in this (fresh) process."""
+    device = args.device
+    ours, ref = build_pair(args)
+    model = (ours if which == 'ours' else ref).to(device)
+    if args.channels_last and not args.op:
+        model = model.to(memory_format=torch.channels_last)
+    step = make_step(model, args, device, mode)
+    if torch.device(device).type == 'cuda':
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(3):
+            step()
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    base = _rss_kib('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset VmHWM to the current RSS
+    for _ in range(3):
+        step()
+    return (_rss_kib('VmHWM') - base) / 1024
+
+
+def measure_memory(argv, which, mode):
+    cmd = [sys.executable, os.path.abspath(__file__), '--_memory-of', f'{which}:{mode}'] + argv
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f'memory run failed: {out.stderr[-2000:]}')
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        which, mode = args.memory_of.split(':')
+        print(measure_memory_here(args, which, mode))
+        return None
+    device = args.device
+    ours, ref = build_pair(args)
+    impls = {'ours': ours.to(device)}
+    if ref is not None:
+        impls['timm'] = ref.to(device)
+    if args.channels_last and not args.op:
+        impls = {k: m.to(memory_format=torch.channels_last) for k, m in impls.items()}
+    label = args.op or args.model
+    results = []
+    modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
+    print(f'# {label} {args.img_size}px batch {args.batch_size} {args.precision} on {device} '
+          f'({torch.get_num_threads()} threads), torch {torch.__version__}, timm {timm.__version__}')
+    for mode in modes:
+        steps = {name: make_step(m, args, device, mode) for name, m in impls.items()}
+        medians = time_alternating(steps, args, device)
+        for name, sec in medians.items():
+            row = dict(impl=name, target=label, mode=mode, img_size=args.img_size, batch=args.batch_size,
+                       precision=args.precision, device=device, ms=sec * 1e3,
+                       images_per_s=args.batch_size / sec)
+            if not args.no_memory:
+                row['peak_mib'] = measure_memory(argv, name, mode)
+            results.append(row)
+    header = f'{"impl":6} {"mode":6} {"ms/step":>9} {"img/s":>9} {"peak MiB":>9}'
+    print(header)
+    for r in results:
+        mem = f'{r["peak_mib"]:9.0f}' if 'peak_mib' in r else f'{"-":>9}'
+        print(f'{r["impl"]:6} {r["mode"]:6} {r["ms"]:9.1f} {r["images_per_s"]:9.1f} {mem}')
+    if 'timm' in impls:
+        for mode in modes:
+            o, t = (next(r for r in results if r['impl'] == i and r['mode'] == mode) for i in ('ours', 'timm'))
+            print(f'speed-up over timm ({mode}): {t["ms"] / o["ms"]:.2f}x')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == '__main__':
+    main()
