@@ -1,0 +1,6 @@
+"""Datasets, transforms and loaders, token labeling included (tlt's public names)."""
+from .dataset import (DataError, DatasetTokenLabel, ImageFolderDataset, create_token_label_dataset, find_split,
+                      label_path, load_label_map)
+from .loader import create_token_label_loader, wrap_loader
+from .token_label import TokenLabelMixup, create_token_label_target, pack_sample_target
+from .transforms import LabelAwareRandAugment, TokenLabelTrainTransform

@@ -1,0 +1,3 @@
+"""Training objectives."""
+from .cross_entropy import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
+                            TokenLabelSoftTargetCrossEntropy)
