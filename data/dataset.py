@@ -29,8 +29,8 @@ def find_split(root, split=None):
         classes, _ = find_classes(root)
     except FileNotFoundError:
         classes = []
-    if split and (not classes or split in classes):
-        raise DataError(f'{root} has no "{split}" folder and is not a class folder tree itself')
+    if split and (not classes or set(classes) & {'train', 'val', 'validation', split}):
+        raise DataError(f'{root} has no "{split}" folder (found: {", ".join(classes) or "nothing"})')
     if not classes:
         raise DataError(f'{root} holds no class folders (expected {root}/<class>/<image>)')
     return root
@@ -63,7 +63,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if class_to_idx is None:
             _, class_to_idx = find_classes(root)
         self.class_to_idx = class_to_idx
-        self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        try:
+            self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as e:
+            raise DataError(f'{root}: {e}') from None
         if not self.samples:
             raise DataError(f'no images found under {root}')
         self.transform = transform

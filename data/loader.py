@@ -6,9 +6,10 @@ normalises it there; on a CPU it does the same work in the main process.
 from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.loader import PrefetchLoader, _worker_init
 
+from .dataset import ImageFolderDataset
 from .transforms import TokenLabelTrainTransform
 
 
@@ -47,5 +48,28 @@ def create_token_label_loader(dataset, input_size, batch_size, is_training=True,
         img_size=tuple(img_size) if isinstance(img_size, (tuple, list)) else img_size, scale=scale, ratio=ratio,
         hflip=hflip, vflip=vflip, auto_augment=auto_augment, interpolation=interpolation, mean=mean)
     return wrap_loader(dataset, batch_size, is_training, device=device, num_workers=num_workers,
+                       distributed=distributed, pin_memory=pin_memory, persistent_workers=persistent_workers,
+                       mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count, seed=seed)
+
+
+def create_eval_loader(root, img_size, batch_size, crop_pct, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
+                       std=IMAGENET_DEFAULT_STD, num_workers=1, distributed=False, pin_memory=False, device=None):
+    """Resize the short side to floor(img_size / crop_pct), centre-crop img_size (zero-padded when
+    crop_pct > 1), normalise on the device."""
+    dataset = ImageFolderDataset(root, transform=create_transform(
+        img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct, use_prefetcher=True))
+    return wrap_loader(dataset, batch_size, is_training=False, device=device, num_workers=num_workers,
+                       distributed=distributed, pin_memory=pin_memory, persistent_workers=False, mean=mean, std=std)
+
+
+def create_train_loader(root, img_size, batch_size, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.), hflip=0.5, vflip=0.,
+                        color_jitter=0.4, auto_augment=None, interpolation='random', re_prob=0., re_mode='pixel',
+                        re_count=1, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_workers=1,
+                        distributed=False, pin_memory=False, persistent_workers=True, device=None, seed=0):
+    """Plain-label training loader (timm's training transform) over an image folder."""
+    dataset = ImageFolderDataset(root, transform=create_transform(
+        img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, color_jitter=color_jitter,
+        auto_augment=auto_augment or None, interpolation=interpolation, use_prefetcher=True))
+    return wrap_loader(dataset, batch_size, is_training=True, device=device, num_workers=num_workers,
                        distributed=distributed, pin_memory=pin_memory, persistent_workers=persistent_workers,
                        mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count, seed=seed)

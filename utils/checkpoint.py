@@ -147,7 +147,7 @@ def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, 
         if w is not None and (ours is None or ours.shape != w.shape):
             dropped_heads += [k for k in list(state_dict) if k.startswith(f'{head}.')]
     if dropped_heads:
-        _logger.info('%s: %d classes in the checkpoint, %s in the model: keeping new heads',
+        _logger.warning('%s: %d classes in the checkpoint, %s in the model: the classifier heads start fresh',
                      path, state_dict[dropped_heads[0]].shape[0], model_classes)
         for k in dropped_heads:
             del state_dict[k]
@@ -179,3 +179,31 @@ def _heads_of(model_state, dropped):
     """Model keys of the classifier heads that were deliberately not loaded."""
     prefixes = {k.split('.')[0] + '.' for k in dropped}
     return {k for k in model_state if any(k.startswith(p) for p in prefixes)}
+
+
+def checkpoint_num_classes(path: str, use_ema: bool = False) -> Optional[int]:
+    """Class count of a checkpoint's classifier head, or None when it has none."""
+    state_dict = extract_state_dict(safe_load(path), use_ema=use_ema, path=path)
+    head = state_dict.get('head.weight')
+    return None if head is None else int(head.shape[0])
+
+
+def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_ema=None):
+    """Restore a training checkpoint written by main.py; returns the epoch to start from."""
+    checkpoint = safe_load(path)
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
+        raise CheckpointError(f'{path} is not a training checkpoint (needs state_dict and epoch to resume)')
+    model.load_state_dict(extract_state_dict(checkpoint, path=path), strict=True)
+    if optimizer is not None:
+        if 'optimizer' not in checkpoint:
+            raise CheckpointError(f'{path} holds no optimizer state; use --no-resume-opt to resume without it')
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+        loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    if model_ema is not None:
+        if 'state_dict_ema' in checkpoint:
+            model_ema.module.load_state_dict(extract_state_dict(checkpoint, use_ema=True, path=path), strict=True)
+        else:
+            _logger.warning('%s has no EMA weights; the EMA restarts from the model weights', path)
+    epoch = int(checkpoint['epoch'])
+    return epoch + 1 if checkpoint.get('version', 1) >= 2 else epoch

@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Train VOLO (or any registered model) on an ImageNet-style folder, with token labeling.
+
+    ./distributed_train.sh 8 /path/to/imagenet --model volo_d1 --img-size 224 -b 128 --lr 1.6e-3 \
+        --drop-path 0.1 --apex-amp --token-label --token-label-size 14 --token-label-data /path/to/labels
+    python main.py /path/to/imagenet -c configs/volo_d1_224.yaml
+
+The data folder holds train/ and val/ (or validation/) class folders. Runs on CUDA when present,
+else on the CPU; under torchrun every process trains on its share of the data. Outputs go to
+<output>/train/<time>-<model>-<img>/.
+"""
+import argparse
+import glob
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from torchvision.datasets.folder import find_classes
+from timm.data import Mixup, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import (CheckpointSaver, ModelEmaV2, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir,
+                        setup_default_logging, update_summary)
+
+import models  # noqa: F401  (registers this repo's models with timm)
+from data import (DataError, DatasetTokenLabel, TokenLabelMixup, create_eval_loader, create_token_label_loader,
+                  create_token_label_target, create_train_loader, find_split)
+from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
+                  TokenLabelSoftTargetCrossEntropy)
+from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint
+from utils.evaluation import evaluate
+
+_logger = logging.getLogger('train')
+
+
+class UsageError(ValueError):
+    """A setting that cannot work, reported before any compute starts."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def get_parsers():
+    config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                               help='YAML file of argument defaults (keys are argument names)')
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                   help='YAML file of argument defaults; the command line overrides it')
+    # dataset / model
+    p.add_argument('data_dir', metavar='DIR', help='dataset root with train/ and val/ class folders')
+    p.add_argument('--dataset', '-d', metavar='NAME', default='', help="dataset type ('' = image folder)")
+    p.add_argument('--train-split', default='train')
+    p.add_argument('--val-split', default='validation', help='validation split (val/ is used if validation/ is absent)')
+    p.add_argument('--model', default='volo_d1', type=str)
+    p.add_argument('--pretrained', action='store_true', default=False)
+    p.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH')
+    p.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help="checkpoint to resume, or 'auto': the newest last.pth.tar under --output")
+    p.add_argument('--no-resume-opt', action='store_true', default=False)
+    p.add_argument('--num-classes', type=int, default=None, metavar='N',
+                   help='default: the number of class folders in the training split')
+    p.add_argument('--img-size', type=int, default=None, metavar='N')
+    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N')
+    p.add_argument('--crop-pct', default=None, type=float, help='validation center-crop fraction')
+    p.add_argument('--mean', type=float, nargs='+', default=None)
+    p.add_argument('--std', type=float, nargs='+', default=None)
+    p.add_argument('--interpolation', default='', type=str, help='validation resize interpolation')
+    p.add_argument('-b', '--batch-size', type=int, default=128, help='per-process batch size')
+    p.add_argument('-vb', '--validation-batch-size-multiplier', type=int, default=1)
+    # optimizer
+    p.add_argument('--opt', default='adamw', type=str)
+    p.add_argument('--opt-eps', default=None, type=float)
+    p.add_argument('--opt-betas', default=None, type=float, nargs='+')
+    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--weight-decay', type=float, default=0.05)
+    p.add_argument('--clip-grad', type=float, default=None)
+    p.add_argument('--clip-mode', type=str, default='norm', help='norm, value or agc')
+    # schedule
+    p.add_argument('--sched', default='cosine', type=str)
+    p.add_argument('--lr', type=float, default=1.6e-3)
+    p.add_argument('--lr-noise', type=float, nargs='+', default=None)
+    p.add_argument('--lr-noise-pct', type=float, default=0.67)
+    p.add_argument('--lr-noise-std', type=float, default=1.0)
+    p.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    p.add_argument('--lr-cycle-limit', type=int, default=1)
+    p.add_argument('--warmup-lr', type=float, default=1e-6)
+    p.add_argument('--min-lr', type=float, default=1e-5)
+    p.add_argument('--epochs', type=int, default=300)
+    p.add_argument('--start-epoch', default=None, type=int)
+    p.add_argument('--decay-epochs', type=float, default=30)
+    p.add_argument('--warmup-epochs', type=int, default=20)
+    p.add_argument('--cooldown-epochs', type=int, default=10)
+    p.add_argument('--patience-epochs', type=int, default=10)
+    p.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    # augmentation / regularisation
+    p.add_argument('--no-aug', action='store_true', default=False)
+    p.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    p.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    p.add_argument('--hflip', type=float, default=0.5)
+    p.add_argument('--vflip', type=float, default=0.)
+    p.add_argument('--color-jitter', type=float, default=0.4)
+    p.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', help="RandAugment string; '' disables")
+    p.add_argument('--reprob', type=float, default=0.25)
+    p.add_argument('--remode', type=str, default='pixel')
+    p.add_argument('--recount', type=int, default=1)
+    p.add_argument('--mixup', type=float, default=0.0)
+    p.add_argument('--cutmix', type=float, default=0.0)
+    p.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    p.add_argument('--mixup-prob', type=float, default=1.0)
+    p.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    p.add_argument('--mixup-mode', type=str, default='batch')
+    p.add_argument('--mixup-off-epoch', default=0, type=int)
+    p.add_argument('--smoothing', type=float, default=0.1)
+    p.add_argument('--train-interpolation', type=str, default='random')
+    p.add_argument('--drop', type=float, default=0.0)
+    p.add_argument('--drop-path', type=float, default=None)
+    # batch norm
+    p.add_argument('--bn-momentum', type=float, default=None)
+    p.add_argument('--bn-eps', type=float, default=None)
+    p.add_argument('--sync-bn', action='store_true')
+    p.add_argument('--dist-bn', type=str, default='', help="'broadcast', 'reduce' or ''")
+    # EMA
+    p.add_argument('--model-ema', action='store_true', default=False)
+    p.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+    p.add_argument('--model-ema-decay', type=float, default=0.99992)
+    # misc
+    p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--log-interval', type=int, default=50)
+    p.add_argument('--recovery-interval', type=int, default=0)
+    p.add_argument('--checkpoint-hist', type=int, default=10)
+    p.add_argument('-j', '--workers', type=int, default=8)
+    p.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.amp)')
+    p.add_argument('--apex-amp', action='store_true', default=False,
+                   help='NVIDIA apex O1 when importable, else native AMP')
+    p.add_argument('--native-amp', action='store_true', default=False)
+    p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    p.add_argument('--channels-last', action='store_true', default=False)
+    p.add_argument('--pin-mem', action='store_true', default=False)
+    p.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default ./output)')
+    p.add_argument('--eval-metric', default='top1', type=str)
+    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
+    # token labeling
+    p.add_argument('--token-label', action='store_true', default=False, help='dense token-level training loss')
+    p.add_argument('--token-label-data', type=str, default='', metavar='DIR', help='token-label maps (tlt format)')
+    p.add_argument('--token-label-size', type=int, default=1, metavar='N', help='token grid of the labels')
+    p.add_argument('--dense-weight', type=float, default=0.5)
+    p.add_argument('--cls-weight', type=float, default=1.0)
+    p.add_argument('--ground-truth', action='store_true', default=False, help='blend ground truth into cls target')
+    # finetune
+    p.add_argument('--finetune', default='', type=str, metavar='PATH', help='checkpoint file or run directory')
+    return config_parser, p
+
+
+def parse_args(argv=None):
+    config_parser, parser = get_parsers()
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        if not os.path.isfile(args_config.config):
+            parser.error(f'config file {args_config.config} does not exist')
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            parser.error(f'config file {args_config.config} must hold a mapping of argument names to values')
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in cfg if k.replace('-', '_') not in known)
+        if unknown:
+            parser.error(f'config file {args_config.config}: unknown argument(s) {", ".join(unknown)}')
+        parser.set_defaults(**{k.replace('-', '_'): v for k, v in cfg.items()})
+    args = parser.parse_args(remaining)
+    args.config = args_config.config
+    return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+def setup_distributed(args):
+    """torchrun's env:// rendezvous when WORLD_SIZE > 1: NCCL on GPUs, gloo on CPUs."""
+    args.world_size = int(os.environ.get('WORLD_SIZE', 1))
+    args.rank = int(os.environ.get('RANK', 0))
+    args.local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
+    args.distributed = args.world_size > 1
+    use_cuda = torch.cuda.is_available() if args.device is None else args.device.startswith('cuda')
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError('--device cuda was asked for but no CUDA device is available')
+    if use_cuda:
+        args.device = f'cuda:{args.local_rank}'
+        torch.cuda.set_device(args.local_rank)
+    else:
+        args.device = 'cpu'
+    if args.distributed:
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method='env://')
+        args.world_size, args.rank = dist.get_world_size(), dist.get_rank()
+        _logger.info('Process %d of %d on %s', args.rank, args.world_size, args.device)
+    return torch.device(args.device)
+
+
+def resolve_amp(args, device):
+    """(autocast factory, loss scaler or None, 'apex'|'native'|None)."""
+    use_amp = args.amp or args.native_amp or args.apex_amp
+    if not use_amp:
+        return nullcontext, None, None
+    if args.apex_amp:
+        try:
+            from apex import amp as apex_amp  # noqa: F401
+            if device.type == 'cuda':
+                return nullcontext, None, 'apex'
+            _logger.warning('--apex-amp: apex needs CUDA; using native torch.amp instead')
+        except ImportError:
+            _logger.warning('--apex-amp: NVIDIA apex is not installed; using native torch.amp instead')
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' or device.type == 'cpu' else torch.float16
+    if device.type == 'cpu' and args.amp_dtype == 'float16':
+        _logger.info('mixed precision on CPU runs in bfloat16')
+    scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler, 'native'
+
+
+def has_dense_head(model):
+    return getattr(model, 'aux_head', None) is not None and getattr(model, 'return_dense', False)
+
+
+def token_grid(model):
+    pos_embed = getattr(model, 'pos_embed', None)
+    return None if pos_embed is None or pos_embed.ndim != 4 else tuple(pos_embed.shape[1:3])
+
+
+def build_model(args):
+    kwargs = dict(pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
+                  drop_path_rate=args.drop_path, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
+    if args.img_size is not None or args.input_size is not None:
+        kwargs['img_size'] = args.img_size or args.input_size[-1]
+    try:
+        try:
+            model = timm.create_model(args.model, **kwargs)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise
+            kwargs.pop('img_size')  # a model without a fixed input size (most CNNs)
+            model = timm.create_model(args.model, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise UsageError(f'--model {args.model}: {e}') from None
+        raise
+    except (ValueError, TypeError) as e:
+        raise UsageError(f'--model {args.model} with {kwargs}: {e}') from None
+    if args.initial_checkpoint:
+        load_pretrained_weights(model, args.initial_checkpoint, strict=True)
+    if args.finetune:
+        load_pretrained_weights(model, args.finetune, use_ema=args.model_ema, strict=True)
+    args.num_classes = model.num_classes
+    return model
+
+
+def check_token_labels(args, model):
+    """Token-label settings that cannot work are errors now, not after the first batch."""
+    if not args.token_label:
+        if args.token_label_data:
+            raise UsageError('--token-label-data needs --token-label')
+        return
+    if not has_dense_head(model):
+        raise UsageError(f'--token-label needs a model with a dense (token) head such as VOLO; '
+                         f'{args.model} has none. Drop --token-label to train it with plain or mixup targets')
+    grid = token_grid(model)
+    if args.token_label_data and args.token_label_size != 1 and grid is not None:
+        if grid[0] != grid[1] or args.token_label_size != grid[0]:
+            raise UsageError(
+                f'--token-label-size {args.token_label_size} does not match {args.model} at {args.img_size} px: '
+                f'its token grid is {grid[0]}x{grid[1]}; use --token-label-size {grid[0]}')
+
+
+def build_train_loss(args, model):
+    if args.token_label and args.token_label_data and args.token_label_size == 1:
+        return TokenLabelSoftTargetCrossEntropy()
+    if has_dense_head(model):
+        # token labels, or plain / mixup targets copied to every token
+        loss_cls = TokenLabelGTCrossEntropy if args.ground_truth else TokenLabelCrossEntropy
+        return loss_cls(dense_weight=args.dense_weight, cls_weight=args.cls_weight,
+                        mixup_active=args.mixup > 0 or args.cutmix > 0, classes=args.num_classes)
+    return SoftTargetCrossEntropy()
+
+
+def build_mixup(args):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                      num_classes=args.num_classes)
+    if args.token_label and args.token_label_data:
+        if args.cutmix_minmax is not None:
+            raise UsageError('--cutmix-minmax is not supported with token labels')
+        return TokenLabelMixup(label_size=args.token_label_size, seed=args.seed + args.rank, **mixup_args)
+    return Mixup(cutmix_minmax=args.cutmix_minmax, **mixup_args)
+
+
+def resolve_classes(args):
+    """Check the data folders now; the class count defaults to the training folder's."""
+    train_root = find_split(args.data_dir, args.train_split)
+    find_split(args.data_dir, args.val_split)
+    found = len(find_classes(train_root)[0])
+    if args.num_classes is None:
+        args.num_classes = found
+        _logger.info('%d classes in %s', found, train_root)
+    elif args.num_classes < found:
+        raise UsageError(f'--num-classes {args.num_classes}, but {train_root} has {found} class folders')
+
+
+def build_loaders(args, data_config, device):
+    train_root = find_split(args.data_dir, args.train_split)
+    eval_root = find_split(args.data_dir, args.val_split)
+    interpolation = args.train_interpolation or data_config['interpolation']
+    common = dict(num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  mean=data_config['mean'], std=data_config['std'])
+    img_size = data_config['input_size'][-1]
+    augment = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+                   auto_augment=args.aa or None, interpolation=interpolation, re_prob=args.reprob,
+                   re_mode=args.remode, re_count=args.recount, seed=args.seed)
+    if args.no_aug:
+        augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None, re_prob=0.)
+    if args.token_label and args.token_label_data:
+        dataset = DatasetTokenLabel(train_root, args.token_label_data)
+        train = create_token_label_loader(dataset, img_size, args.batch_size, **augment, **common)
+    else:
+        train = create_train_loader(train_root, img_size, args.batch_size, color_jitter=args.color_jitter,
+                                    **augment, **common)
+    eval_loader = create_eval_loader(eval_root, img_size, args.validation_batch_size_multiplier * args.batch_size,
+                                     crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
+                                     **common)
+    return train, eval_loader
+
+
+def find_latest_checkpoint(output_root):
+    candidates = glob.glob(os.path.join(output_root, 'train', '*', 'last.pth.tar'))
+    return max(candidates, key=os.path.getmtime) if candidates else ''
+
+
+def truncate_summary(path, start_epoch):
+    """Drop summary rows of epochs that a resumed run trains again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(',', 1)[0]) < start_epoch]
+    with open(path, 'w') as f:
+        f.writelines(kept)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """timm's saver, with every file first written under a '.partial' name and renamed when
+    complete: a crash while saving leaves no truncated checkpoint behind."""
+
+    def _save(self, save_path, epoch, metric=None):
+        partial_path = save_path + '.partial'
+        super()._save(partial_path, epoch, metric)
+        os.replace(partial_path, save_path)
+
+
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler, autocast, loss_scaler,
+                    model_ema, mixup_fn, saver):
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
+        mixup_fn = None
+    model.train()
+    token_labels = args.token_label and args.token_label_data
+    loss_sum, seen = 0., 0
+    batch_time = data_time = 0.
+    num_updates = epoch * len(loader)
+    end = time.perf_counter()
+    for batch_idx, (images, target) in enumerate(loader):
+        data_time = time.perf_counter() - end
+        if mixup_fn is not None:
+            images, target = mixup_fn(images, target)
+        elif token_labels:
+            target = create_token_label_target(target, num_classes=args.num_classes, smoothing=args.smoothing,
+                                               label_size=args.token_label_size)
+        else:
+            target = create_token_label_target(target, num_classes=args.num_classes, smoothing=args.smoothing)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+
+        with autocast():
+            output = model(images)
+            loss = loss_fn(output, target)
+        finite = torch.isfinite(loss.detach()).float()
+        if args.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise NonFiniteLoss(f'non-finite loss ({loss.item()}) at epoch {epoch}, step {batch_idx}: stopping. '
+                                f'Checkpoints of completed epochs are left as they were.')
+
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=model.parameters())
+        else:
+            if args.apex_amp_active:
+                from apex import amp as apex_amp
+                with apex_amp.scale_loss(loss, optimizer) as scaled_loss:
+                    scaled_loss.backward()
+            else:
+                loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(model)
+
+        loss_sum += loss.item() * images.shape[0]
+        seen += images.shape[0]
+        num_updates += 1
+        batch_time = time.perf_counter() - end
+        last = batch_idx == len(loader) - 1
+        if args.rank == 0 and (last or batch_idx % args.log_interval == 0):
+            lr = np.mean([group['lr'] for group in optimizer.param_groups])
+            _logger.info('Train: %d [%4d/%d (%3.0f%%)]  Loss: %.4f (%.4f)  %.1f img/s  LR: %.3e  Data: %.3fs',
+                         epoch, batch_idx, len(loader), 100. * batch_idx / max(len(loader) - 1, 1), loss.item(),
+                         loss_sum / seen, images.shape[0] * args.world_size / batch_time, lr, data_time)
+        if saver is not None and args.recovery_interval and (last or (batch_idx + 1) % args.recovery_interval == 0):
+            saver.save_recovery(epoch, batch_idx=batch_idx)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / seen)
+        end = time.perf_counter()
+
+    totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64,
+                          device=next(model.parameters()).device)
+    if args.distributed:
+        dist.all_reduce(totals)
+    return OrderedDict(loss=(totals[0] / totals[1]).item())
+
+
+def main(argv=None):
+    setup_default_logging()
+    args, args_text = parse_args(argv)
+    device = setup_distributed(args)
+    random.seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    torch.manual_seed(args.seed + args.rank)
+
+    if args.resume == 'auto':
+        args.resume = find_latest_checkpoint(args.output or './output')
+        _logger.info('--resume auto: %s', args.resume or 'no checkpoint found, starting fresh')
+    resolve_classes(args)
+    model = build_model(args)
+    if args.img_size is None:
+        args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
+    check_token_labels(args, model)
+    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    loader_train, loader_eval = build_loaders(args, data_config, device)
+    if args.rank == 0:
+        _logger.info('Model %s: %d parameters, input %s', args.model,
+                     sum(p.numel() for p in model.parameters()), data_config['input_size'])
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **({'eps': args.opt_eps} if args.opt_eps else {}),
+                                    **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
+    autocast, loss_scaler, amp_mode = resolve_amp(args, device)
+    args.apex_amp_active = amp_mode == 'apex'
+    if args.apex_amp_active:
+        from apex import amp as apex_amp
+        model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
+    if args.rank == 0:
+        _logger.info('Mixed precision: %s', amp_mode or 'off (float32)')
+
+    resume_epoch = None
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+    if args.resume:
+        resume_path = resolve_checkpoint_path(args.resume)
+        resume_epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
+                                         loss_scaler=None if args.no_resume_opt else loss_scaler, model_ema=model_ema)
+        _logger.info('Resumed %s: continuing at epoch %d', resume_path, resume_epoch)
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed, cycle_mul=args.lr_cycle_mul,
+        cycle_limit=args.lr_cycle_limit, plateau_mode='min' if args.eval_metric == 'loss' else 'max')
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if start_epoch > 0:
+        lr_scheduler.step(start_epoch)
+
+    train_loss_fn = build_train_loss(args, model.module if args.distributed else model)
+    mixup_fn = build_mixup(args)
+
+    saver, output_dir = None, ''
+    if args.rank == 0:
+        if args.resume and os.path.isfile(os.path.join(os.path.dirname(resume_path), 'args.yaml')):
+            output_dir = os.path.dirname(resume_path)
+        else:
+            exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model,
+                                 str(data_config['input_size'][-1])])
+            output_dir = get_outdir(args.output or './output', 'train', exp_name, inc=True)
+        for stale in glob.glob(os.path.join(output_dir, '*.partial')):
+            os.remove(stale)
+        saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, args=argparse.Namespace(**{
+            k: v for k, v in vars(args).items() if k != 'apex_amp_active'}), model_ema=model_ema,
+            amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+            decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+        if args.resume and output_dir == os.path.dirname(resume_path):
+            saver.load_state_dict_from_checkpoint(resume_path)
+            truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        _logger.info('Output: %s; scheduled epochs: %d', output_dir, num_epochs)
+
+    best_metric, best_epoch = saver.best_metric if saver else None, saver.best_epoch if saver else None
+    for epoch in range(start_epoch, num_epochs):
+        if args.distributed:
+            loader_train.sampler.set_epoch(epoch)
+            indices = list(iter(loader_train.sampler))
+            _logger.info('Rank %d: epoch %d, %d training samples, first %s', args.rank, epoch, len(indices),
+                         indices[:6])
+        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, lr_scheduler,
+                                        autocast, loss_scaler, model_ema, mixup_fn, saver)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = evaluate(model, loader_eval, autocast, args.channels_last, args.log_interval)
+        if model_ema is not None and not args.model_ema_force_cpu:
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+            eval_metrics = evaluate(model_ema.module, loader_eval, autocast, args.channels_last,
+                                    args.log_interval, log_suffix=' (EMA)')
+        eval_metrics.pop('images_per_s')
+        lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+        if saver is not None:
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'))
+    if best_metric is not None:
+        _logger.info('*** Best metric: %s (epoch %s)', best_metric, best_epoch)
+    if args.distributed:
+        dist.destroy_process_group()
+    return output_dir
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except (UsageError, DataError, CheckpointError, NonFiniteLoss) as e:
+        _logger.error('%s', e)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    cli()

@@ -1,0 +1,312 @@
+import csv
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from torchvision import transforms
+
+import main as train_script
+import models
+import validate as validate_script
+from data.synthetic import make_shapes_dataset
+from utils import load_pretrained_weights, safe_load
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a small run: volo_d1 at 32 px (2x2 tokens), 3 steps an epoch
+FAST = ['--model', 'volo_d1', '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
+        '--lr', '5e-4', '-j', '0', '--log-interval', '1', '--aa', '', '--reprob', '0']
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_classes=3, train_per_class=8,
+                               val_per_class=4, img_size=40, label_size=6)
+
+
+@pytest.fixture(scope='module')
+def shapes_five(tmp_path_factory):
+    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes5')), num_classes=5, train_per_class=4,
+                               val_per_class=2, img_size=48, label_size=6, seed=1)
+
+
+def _token_args(shapes, size=2):
+    return ['--token-label', '--token-label-size', str(size), '--token-label-data', os.path.join(shapes, 'labels')]
+
+
+def _run(shapes, out, *extra):
+    return train_script.main([shapes, *FAST, '--output', str(out), *extra])
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def test_token_label_training_writes_loadable_outputs(shapes, tmp_path):
+    run = _run(shapes, tmp_path, '--epochs', '2', *_token_args(shapes))
+    assert re.search(r'train/\d{8}-\d{6}-volo_d1-32$', run)
+    files = set(os.listdir(run))
+    assert {'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar',
+            'checkpoint-1.pth.tar'} <= files
+    assert not [f for f in files if f.endswith('.partial')]
+    rows = _summary(run)
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    assert set(rows[0]) >= {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5'}
+    ckpt = safe_load(os.path.join(run, 'last.pth.tar'))
+    assert ckpt['epoch'] == 1 and ckpt['args'].token_label_size == 2
+    model = models.volo_d1(img_size=32, num_classes=3)
+    load_pretrained_weights(model, os.path.join(run, 'model_best.pth.tar'))
+    args = yaml.safe_load(open(os.path.join(run, 'args.yaml')))
+    assert args['model'] == 'volo_d1' and args['token_label'] is True
+
+
+def test_resume_continues_epoch_and_optimizer_state(shapes, tmp_path):
+    run = _run(shapes, tmp_path, '--epochs', '1', *_token_args(shapes))
+    first = safe_load(os.path.join(run, 'last.pth.tar'))
+    steps = int(next(iter(first['optimizer']['state'].values()))['step'])
+    resumed = _run(shapes, tmp_path, '--epochs', '2', '--resume', os.path.join(run, 'last.pth.tar'),
+                   *_token_args(shapes))
+    assert resumed == run  # continues in the run directory
+    assert [r['epoch'] for r in _summary(run)] == ['0', '1']
+    second = safe_load(os.path.join(run, 'last.pth.tar'))
+    assert second['epoch'] == 1
+    assert int(next(iter(second['optimizer']['state'].values()))['step']) == 2 * steps
+
+
+def test_finetune_from_run_directory_to_new_size_and_classes(shapes, shapes_five, tmp_path):
+    run = _run(shapes, tmp_path / 'base', '--epochs', '1', '--img-size', '64', *_token_args(shapes, 4))
+    ft = _run(shapes_five, tmp_path / 'ft', '--epochs', '1', '--img-size', '96', '--finetune', run,
+              '--lr', '1e-5', '--ground-truth', *_token_args(shapes_five, 6))
+    ckpt = safe_load(os.path.join(ft, 'last.pth.tar'))
+    assert ckpt['state_dict']['pos_embed'].shape == (1, 6, 6, 384)
+    assert ckpt['state_dict']['head.weight'].shape == (5, 384)
+    base = safe_load(os.path.join(run, 'model_best.pth.tar'))['state_dict']
+    # a finetuned layer moved only a little from the base checkpoint (it was loaded, not re-initialised)
+    diff = (ckpt['state_dict']['network.0.0.mlp.fc1.weight'] - base['network.0.0.mlp.fc1.weight']).abs().max()
+    assert diff < 1e-3
+
+
+@pytest.mark.parametrize('labels', ['token', 'plain'])
+def test_mixup_paths(shapes, tmp_path, labels):
+    extra = _token_args(shapes) if labels == 'token' else []
+    run = _run(shapes, tmp_path, '--epochs', '1', '--mixup', '0.8', '--cutmix', '1.0', *extra)
+    assert len(_summary(run)) == 1 and float(_summary(run)[0]['train_loss']) > 0
+
+
+def test_yaml_config_and_command_line_precedence(shapes, tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(yaml.safe_dump({'epochs': 1, 'lr': 0.123, 'smoothing': 0.2, 'model': 'volo_d1'}))
+    args, _ = train_script.parse_args([shapes, '-c', str(cfg), '--lr', '0.5'])
+    assert args.epochs == 1 and args.smoothing == 0.2 and args.lr == 0.5
+    run = _run(shapes, tmp_path, '-c', str(cfg), '--lr', '1e-4')
+    saved = yaml.safe_load(open(os.path.join(run, 'args.yaml')))
+    assert saved['lr'] == 1e-4 and saved['smoothing'] == 0.2 and saved['epochs'] == 1
+    cfg.write_text(yaml.safe_dump({'epochz': 1}))
+    with pytest.raises(SystemExit):
+        train_script.parse_args([shapes, '-c', str(cfg)])
+
+
+def test_atomic_checkpoint_survives_crash_during_save(shapes, tmp_path, monkeypatch):
+    run = _run(shapes, tmp_path, '--epochs', '1')
+    before = open(os.path.join(run, 'last.pth.tar'), 'rb').read()
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        with open(path, 'wb') as f:
+            f.write(b'half a checkpoint')
+        raise KeyboardInterrupt('killed while saving')
+
+    monkeypatch.setattr(torch, 'save', dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run(shapes, tmp_path, '--epochs', '2', '--resume', os.path.join(run, 'last.pth.tar'))
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert open(os.path.join(run, 'last.pth.tar'), 'rb').read() == before
+    for path in glob.glob(os.path.join(run, '*.pth.tar')):
+        safe_load(path)  # every checkpoint file is complete
+    assert glob.glob(os.path.join(run, '*.partial'))  # the half-written file kept its temporary name
+    _run(shapes, tmp_path, '--epochs', '2', '--resume', 'auto')
+    assert not glob.glob(os.path.join(run, '*.partial'))
+    assert [r['epoch'] for r in _summary(run)] == ['0', '1']
+
+
+def test_sigkill_then_resume_auto(shapes, tmp_path):
+    out = tmp_path / 'out'
+    cmd = [sys.executable, os.path.join(REPO, 'main.py'), shapes, *FAST, '--output', str(out), '--epochs', '4',
+           '--img-size', '64', *_token_args(shapes, 4)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.time() + 240
+    lines = []
+    while time.time() < deadline:  # wait until epoch 1 is under way, then kill
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith('Train: 1 [   1/'):
+            break
+        assert line or proc.poll() is None, ''.join(lines)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = glob.glob(str(out / 'train' / '*'))[0]
+    assert [r['epoch'] for r in _summary(run)] == ['0']
+    done = subprocess.run(cmd + ['--resume', 'auto'], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert 'continuing at epoch 1' in done.stderr + done.stdout
+    assert [r['epoch'] for r in _summary(run)] == ['0', '1', '2', '3']
+    for path in glob.glob(os.path.join(run, '*.pth.tar')):
+        safe_load(path)
+    assert safe_load(os.path.join(run, 'last.pth.tar'))['epoch'] == 3
+
+
+def test_distributed_train_sh_on_cpu(shapes, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable)
+    cmd = [os.path.join(REPO, 'distributed_train.sh'), '2', shapes, *FAST, '--output', str(tmp_path), '--epochs', '1',
+           '-b', '4', *_token_args(shapes)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    runs = glob.glob(str(tmp_path / 'train' / '*'))
+    assert len(runs) == 1 and len(_summary(runs[0])) == 1
+    seen = {int(r): eval(ids) for r, ids in re.findall(r'Rank (\d): epoch 0, \d+ training samples, first (\[[^\]]*\])',
+                                                          log)}
+    assert set(seen) == {0, 1} and not set(seen[0]) & set(seen[1])
+    assert 'Process 1 of 2 on cpu' in log
+
+
+def _direct_metrics(model, folder, img_size, crop_pct):
+    from data.dataset import ImageFolderDataset
+    from timm.data import create_transform
+    t = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation='bicubic')
+    ds = ImageFolderDataset(folder, transform=t)
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    ys = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        out = model.eval()(xs)
+    top5 = out.topk(3, 1).indices  # 3 classes: top-5 is every class
+    return dict(top1=100. * (top5[:, 0] == ys).float().mean().item(),
+                top5=100. * (top5 == ys[:, None]).any(1).float().mean().item(),
+                loss=torch.nn.functional.cross_entropy(out, ys).item())
+
+
+def test_validate_matches_direct_computation(shapes, tmp_path):
+    run = _run(shapes, tmp_path, '--epochs', '1', '--img-size', '64', *_token_args(shapes, 4))
+    ckpt = os.path.join(run, 'last.pth.tar')
+    results = tmp_path / 'r.json'
+    validate_script.main([shapes, '--model', 'volo_d1', '--checkpoint', ckpt, '--img-size', '64', '-b', '5', '-j', '0',
+                          '--results-file', str(results)])
+    got = json.loads(results.read_text())
+    model = models.volo_d1(img_size=64, num_classes=3)
+    load_pretrained_weights(model, ckpt)
+    expected = _direct_metrics(model, os.path.join(shapes, 'val'), 64, 0.96)
+    assert got['top1'] == pytest.approx(expected['top1'], abs=1e-3)
+    assert got['top5'] == pytest.approx(expected['top5'], abs=1e-3)
+    assert got['loss'] == pytest.approx(expected['loss'], rel=1e-4)
+    assert got['img_size'] == 64 and got['crop_pct'] == 0.96
+    assert got['param_count'] == sum(p.numel() for p in model.parameters()) == 25_795_230
+    assert got['images_per_s'] > 0
+    # a 64-px checkpoint at 96 px, through the split folder itself
+    validate_script.main([os.path.join(shapes, 'val'), '--model', 'volo_d1', '--checkpoint', ckpt, '--img-size', '96',
+                          '-b', '6', '-j', '0', '--crop-pct', '1.0', '--results-file', str(results), '--no-test-pool'])
+    model96 = models.volo_d1(img_size=96, num_classes=3)
+    load_pretrained_weights(model96, ckpt)
+    got96 = json.loads(results.read_text())
+    assert got96['img_size'] == 96
+    assert got96['loss'] == pytest.approx(_direct_metrics(model96, os.path.join(shapes, 'val'), 96, 1.0)['loss'],
+                                          rel=1e-4)
+    # directory mode: every checkpoint, sorted by top-1, as CSV
+    validate_script.main([shapes, '--model', 'volo_d1', '--checkpoint', run, '--img-size', '64', '-j', '0'])
+    rows = list(csv.DictReader(open(os.path.join(run, 'validation_results.csv'))))
+    assert {os.path.basename(r['checkpoint']) for r in rows} >= {'last.pth.tar', 'model_best.pth.tar',
+                                                                  'checkpoint-0.pth.tar'}
+    top1 = [float(r['top1']) for r in rows]
+    assert top1 == sorted(top1, reverse=True)
+
+
+# ---------------------------------------------------------------- guards
+
+def _cli_error(argv, capsys_or_caplog):
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.cli(argv)
+    assert exit_info.value.code == 2
+    return capsys_or_caplog.text
+
+
+def test_guards_before_any_compute(shapes, tmp_path, caplog):
+    base = [*FAST, '--output', str(tmp_path), '--epochs', '1']
+    msg = _cli_error([str(tmp_path / 'missing'), *base], caplog)
+    assert 'does not exist' in msg
+    msg = _cli_error([shapes, *base, '--train-split', 'nosuchsplit'], caplog)
+    assert 'no "nosuchsplit" folder' in msg
+    msg = _cli_error([shapes, *base, '--img-size', '40'], caplog)
+    assert 'multiple of 16' in msg
+    msg = _cli_error([shapes, *base, '--img-size', '64', *_token_args(shapes, 2)], caplog)
+    assert 'use --token-label-size 4' in msg
+    msg = _cli_error([shapes, *base, '--model', 'resnet18', '--token-label'], caplog)
+    assert 'needs a model with a dense' in msg
+    assert not glob.glob(str(tmp_path / 'train' / '*'))  # nothing was started
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(shapes, tmp_path, caplog):
+    run = _run(shapes, tmp_path, '--epochs', '1')
+    good = open(os.path.join(run, 'last.pth.tar'), 'rb').read()
+    msg = _cli_error([shapes, *FAST, '--output', str(tmp_path), '--epochs', '2', '--smoothing', 'nan',
+                      '--resume', os.path.join(run, 'last.pth.tar')], caplog)
+    assert re.search(r'non-finite loss .* at epoch 1, step \d', msg)
+    assert open(os.path.join(run, 'last.pth.tar'), 'rb').read() == good
+
+
+def test_corrupt_training_image_is_skipped(shapes, tmp_path, caplog):
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(shapes, root)
+    victim = sorted((root / 'train').rglob('*.png'))[2]
+    victim.write_bytes(b'not an image')
+    with caplog.at_level('WARNING'):
+        run = train_script.main([str(root), *FAST, '--output', str(tmp_path), '--epochs', '1',
+                                 '--token-label', '--token-label-size', '2', '--token-label-data',
+                                 str(root / 'labels')])
+    assert str(victim) in caplog.text
+    assert len(_summary(run)) == 1
+
+
+def test_plot_summary(shapes, tmp_path):
+    run = _run(shapes, tmp_path, '--epochs', '2')
+    out = tmp_path / 'curves.png'
+    subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'plot_summary.py'), run, '--out', str(out)],
+                   check=True, cwd=REPO)
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    default = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'plot_summary.py'),
+                              os.path.join(run, 'summary.csv')], capture_output=True, text=True, cwd=REPO)
+    assert default.returncode == 0 and os.path.isfile(os.path.join(run, 'summary.png'))
+
+
+@pytest.mark.parametrize('config', sorted(glob.glob(os.path.join(REPO, 'configs', '*.yaml'))))
+def test_recipes_parse_and_match_the_reference(config):
+    args, _ = train_script.parse_args(['/data', '-c', config])
+    name = os.path.basename(config)
+    if name == 'demo.yaml':
+        assert args.token_label and args.img_size == 64
+        return
+    from timm.scheduler import create_scheduler_v2
+    model, res = name[:-5].rsplit('_', 1)
+    assert args.model == model and args.img_size == int(res) and args.token_label_size == int(res) // 16
+    assert args.aa == 'rand-m9-mstd0.5-inc1' and args.reprob == 0.25 and args.smoothing == 0.1
+    assert args.dense_weight == 0.5 and args.mixup == 0 and args.cutmix == 0
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    _, epochs = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs, min_lr=args.min_lr,
+                                    warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+                                    cooldown_epochs=args.cooldown_epochs)
+    if res == '224':
+        expected_lr = {'volo_d1': 1.6e-3, 'volo_d5': 8e-4}.get(model, 1e-3)
+        assert (args.lr, args.weight_decay, epochs, args.warmup_epochs) == (expected_lr, 0.05, 310, 20)
+        assert args.drop_path == {'volo_d1': 0.1, 'volo_d2': 0.2, 'volo_d5': 0.75}.get(model, 0.5)
+    else:
+        assert (args.lr, args.min_lr, args.weight_decay, epochs, args.warmup_epochs) == (8e-6, 4e-6, 1e-8, 40, 5)
+        assert args.ground_truth

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Images/s of the token-label training loader against timm's plain training loader.
+
+    python tools/benchmark_loader.py --workers 2 --img-size 224 --images 512
+
+Both read the same generated JPEG folder (ImageNet-like 375x500 images, 18x18 label maps over
+1000 classes) with the same workers, RandAugment, random erasing and batch size, and normalise on
+the same device. 'targets' adds create_token_label_target (14x14 token labels) to each batch.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from timm.data import create_dataset, create_loader  # noqa: E402
+
+from data import DatasetTokenLabel, create_token_label_loader, create_token_label_target  # noqa: E402
+
+
+def make_folder(root, images, classes=10, num_label_classes=1000, map_size=18, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        cls = f'c{i % classes:02d}'
+        os.makedirs(os.path.join(root, 'train', cls), exist_ok=True)
+        os.makedirs(os.path.join(root, 'labels', cls), exist_ok=True)
+        pixels = rng.integers(0, 255, size=(375, 500, 3), dtype=np.uint8)
+        pixels = (pixels // 32 * 32).astype(np.uint8)  # some structure so JPEG is not all noise
+        Image.fromarray(pixels).save(os.path.join(root, 'train', cls, f'img_{i:05d}.JPEG'), quality=90)
+        scores = torch.from_numpy(np.sort(rng.normal(size=(5, map_size, map_size)), axis=0)[::-1].copy())
+        indices = torch.from_numpy(rng.integers(0, num_label_classes, size=(5, map_size, map_size)))
+        torch.save(torch.stack([scores.float(), indices.float()]).half(),
+                   os.path.join(root, 'labels', cls, f'img_{i:05d}.pt'))
+    return root
+
+
+def rate(loader, batches, warmup, batch_size, on_batch=None):
+    it = iter(loader)
+    for _ in range(warmup):
+        batch = next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+        if on_batch is not None:
+            on_batch(*batch)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--root', default=None, help='reuse/generate the folder here (default: a temp dir)')
+    p.add_argument('--images', type=int, default=512)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--batches', type=int, default=10)
+    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1')
+    p.add_argument('--reprob', type=float, default=0.25)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args(argv)
+    root = args.root or tempfile.mkdtemp(prefix='loader_bench_')
+    if not os.path.isdir(os.path.join(root, 'train')):
+        make_folder(root, args.images)
+    device = torch.device(args.device)
+    common = dict(re_prob=args.reprob, re_mode='pixel', num_workers=args.workers, persistent_workers=True)
+    plain_ds = create_dataset('', os.path.join(root, 'train'), is_training=True)
+    plain = create_loader(plain_ds, (3, args.img_size, args.img_size), args.batch_size, is_training=True,
+                          use_prefetcher=True, auto_augment=args.aa, interpolation='random', device=device,
+                          **common)
+    token_ds = DatasetTokenLabel(os.path.join(root, 'train'), os.path.join(root, 'labels'))
+    token = create_token_label_loader(token_ds, args.img_size, args.batch_size, auto_augment=args.aa,
+                                      interpolation='random', device=device, **common)
+
+    def targets(images, layouts):
+        create_token_label_target(layouts, num_classes=1000, smoothing=0.1, label_size=args.img_size // 16)
+
+    results = {}
+    for round_ in range(2):  # alternate, keep the better of two rounds each
+        for name, loader, hook in (('timm plain', plain, None), ('token label', token, None),
+                                   ('token label + targets', token, targets)):
+            r = rate(loader, args.batches, 2, args.batch_size, hook)
+            results[name] = max(results.get(name, 0), r)
+    base = results['timm plain']
+    print(f'# {args.images} images 375x500 -> {args.img_size}, batch {args.batch_size}, {args.workers} workers, '
+          f'{args.aa}, reprob {args.reprob}, device {device}')
+    for name, r in results.items():
+        print(f'{name:24s} {r:8.1f} img/s  ({(base / r - 1) * 100:+.1f}% time vs timm)')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Top-1 / top-5 / loss of a model on an ImageNet-style validation folder, at any resolution.
+
+    python validate.py /path/to/imagenet --model volo_d1 --checkpoint d1_224_84.2.pth.tar --img-size 224 -b 128
+    python validate.py /path/to/imagenet --model volo_d5 --checkpoint d5_512_87.07.pth.tar --img-size 512 -b 32
+    python validate.py /path/to/imagenet --model volo_d1 --checkpoint output/train/RUN/ --results-file runs.csv
+
+DATA is the dataset root (its val/ or validation/ folder is used) or the split folder itself. A
+checkpoint trained at another resolution is evaluated with its position embedding interpolated.
+With a directory of checkpoints, each is evaluated and a CSV sorted by top-1 is written.
+"""
+import argparse
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.utils import setup_default_logging
+from tqdm import tqdm
+
+import models  # noqa: F401  (registers this repo's models with timm)
+from data import DataError, create_eval_loader, find_split
+from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights
+from utils.evaluation import evaluate
+
+_logger = logging.getLogger('validate')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('data', metavar='DIR', help='dataset root (with val/ or validation/) or the split folder')
+    p.add_argument('--split', default='val', help='split folder inside DIR (validation/ also accepted)')
+    p.add_argument('--model', '-m', default='volo_d1')
+    p.add_argument('--checkpoint', default='', help='checkpoint file, or a directory: evaluate each checkpoint in it')
+    p.add_argument('--pretrained', action='store_true', help="the model's released weights (no --checkpoint)")
+    p.add_argument('--img-size', type=int, default=None, help='evaluation resolution (default: the model\'s)')
+    p.add_argument('--crop-pct', type=float, default=None, help='default: the model config\'s for this resolution')
+    p.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s, bicubic)')
+    p.add_argument('--mean', type=float, nargs='+', default=None)
+    p.add_argument('--std', type=float, nargs='+', default=None)
+    p.add_argument('-b', '--batch-size', type=int, default=128)
+    p.add_argument('-j', '--workers', type=int, default=4)
+    p.add_argument('--num-classes', type=int, default=None, help='default: the checkpoint\'s head size')
+    p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
+    p.add_argument('--amp', action='store_true', help='mixed precision (torch.amp)')
+    p.add_argument('--apex-amp', action='store_true', help='accepted for the original command lines: native AMP')
+    p.add_argument('--native-amp', action='store_true', help='same as --amp')
+    p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--no-test-pool', action='store_true',
+                   help='accepted for the original command lines; no test-time pooling is ever applied')
+    p.add_argument('--results-file', default='', help='write results here: .csv or .json')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--pin-mem', action='store_true')
+    return p.parse_args(argv)
+
+
+def checkpoints_in(path):
+    files = sorted(glob.glob(os.path.join(path, '*.pth.tar')) + glob.glob(os.path.join(path, '*.pth')))
+    files = [f for f in files if not os.path.basename(f).startswith(('tmp', 'recovery'))]
+    if not files:
+        raise CheckpointError(f'no checkpoints (*.pth.tar, *.pth) in directory {path}')
+    return files
+
+
+def autocast_for(args):
+    if not (args.amp or args.native_amp or args.apex_amp):
+        return nullcontext
+    device_type = torch.device(args.device).type
+    if args.apex_amp:
+        _logger.info('--apex-amp: evaluating with native torch.amp')
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' or device_type == 'cpu' else torch.float16
+    return partial(torch.autocast, device_type=device_type, dtype=dtype)
+
+
+def validate_one(args, checkpoint, root):
+    num_classes = args.num_classes
+    if checkpoint:
+        found = checkpoint_num_classes(checkpoint, use_ema=args.use_ema)
+        if num_classes is not None and found is not None and found != num_classes:
+            raise CheckpointError(f'{checkpoint} has a {found}-class head but --num-classes is {num_classes}')
+        num_classes = found if num_classes is None else num_classes
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    if args.img_size is not None:
+        kwargs['img_size'] = args.img_size
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained and not checkpoint, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f'cannot build --model {args.model} with {kwargs}: {e}') from None
+    if checkpoint:
+        load_pretrained_weights(model, checkpoint, use_ema=args.use_ema, strict=True)
+    data_config = resolve_data_config(vars(args), model=model)
+    model = model.to(args.device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = create_eval_loader(root, data_config['input_size'][-1], args.batch_size, crop_pct=data_config['crop_pct'],
+                                interpolation=data_config['interpolation'], mean=data_config['mean'],
+                                std=data_config['std'], num_workers=args.workers, pin_memory=args.pin_mem,
+                                device=args.device)
+    metrics = evaluate(model, loader, autocast_for(args), args.channels_last, log_interval=0,
+                       progress=partial(tqdm, desc=os.path.basename(checkpoint) or args.model, unit='batch'))
+    return dict(model=args.model, checkpoint=checkpoint, top1=round(metrics['top1'], 4),
+                top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6), img_size=data_config['input_size'][-1],
+                crop_pct=data_config['crop_pct'], param_count=sum(p.numel() for p in model.parameters()),
+                images_per_s=round(metrics['images_per_s'], 2))
+
+
+def write_results(rows, path):
+    if path.endswith('.json'):
+        with open(path, 'w') as f:
+            json.dump(rows[0] if len(rows) == 1 else rows, f, indent=2)
+    else:
+        with open(path, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    _logger.info('results written to %s', path)
+
+
+def main(argv=None):
+    setup_default_logging()
+    args = parse_args(argv)
+    if args.results_file and not args.results_file.endswith(('.csv', '.json')):
+        raise CheckpointError(f'--results-file {args.results_file}: use a .csv or .json name')
+    root = find_split(args.data, args.split)
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        rows = [validate_one(args, ckpt, root) for ckpt in checkpoints_in(args.checkpoint)]
+        rows.sort(key=lambda r: r['top1'], reverse=True)
+        write_results(rows, args.results_file or os.path.join(args.checkpoint, 'validation_results.csv'))
+    else:
+        rows = [validate_one(args, args.checkpoint, root)]
+        if args.results_file:
+            write_results(rows, args.results_file)
+    for r in rows:
+        print(f"{r['checkpoint'] or r['model']}: top1 {r['top1']:.3f}  top5 {r['top5']:.3f}  loss {r['loss']:.4f}  "
+              f"({r['img_size']} px, crop {r['crop_pct']}, {r['param_count']:,} params, {r['images_per_s']:.1f} img/s)")
+    return rows
+
+
+def cli(argv=None):
+    try:
+        return main(argv)
+    except (DataError, CheckpointError) as e:
+        _logger.error('%s', e)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    cli()
