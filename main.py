@@ -12,7 +12,6 @@ else on the CPU; under torchrun every process trains on its share of the data. O
 import argparse
 import glob
 import logging
-import math
 import os
 import random
 import sys

@@ -6,8 +6,7 @@ strided slices and scatters them back with strided adds instead of unfold/fold: 
 function, cheaper on CPU and GPU, and exportable to ONNX without Col2Im.
 """
 import math
-import os
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -565,22 +564,9 @@ def _create_volo(variant, pretrained=False, **kwargs):
     model = VOLO(img_size=img_size, **model_args)
     model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
-        from utils.checkpoint import load_pretrained_weights
-        load_pretrained_weights(model, _fetch_release(cfg), strict=True)
+        from utils.checkpoint import fetch_release_file, load_pretrained_weights
+        load_pretrained_weights(model, fetch_release_file(cfg), strict=True)
     return model
-
-
-def _fetch_release(cfg):
-    """Path of the release file: a local `file` entry, else the URL cached in torch.hub's dir."""
-    if cfg.get('file'):
-        return cfg['file']
-    url = cfg['url']
-    cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    os.makedirs(cache_dir, exist_ok=True)
-    target = os.path.join(cache_dir, os.path.basename(url))
-    if not os.path.isfile(target):
-        torch.hub.download_url_to_file(url, target, progress=True)
-    return target
 
 
 @register_model

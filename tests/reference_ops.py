@@ -1,7 +1,6 @@
 """Plain formulations kept as the yardstick for the fast paths in models/."""
 import math
 
-import torch
 import torch.nn.functional as F
 
 

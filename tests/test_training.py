@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 import yaml
-from torchvision import transforms
 
 import main as train_script
 import models

@@ -43,6 +43,20 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
+def fetch_release_file(cfg) -> str:
+    """Path of a model config's weights: its local `file`, else its `url` downloaded once into
+    torch.hub's checkpoint cache (file:// URLs work too)."""
+    if cfg.get('file'):
+        return cfg['file']
+    url = cfg['url']
+    cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, os.path.basename(url))
+    if not os.path.isfile(target):
+        torch.hub.download_url_to_file(url, target, progress=True)
+    return target
+
+
 def safe_load(path: str):
     """torch.load in weights-only mode with the allow-list above; code in a pickle never runs."""
     path = resolve_checkpoint_path(path)

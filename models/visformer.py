@@ -1,0 +1,285 @@
+"""Visformer: The Vision-friendly Transformer (Chen et al., ICCV 2021, arXiv 2104.12533).
+
+BatchNorm everywhere, convolutional bottleneck blocks in the high-resolution stages and
+self-attention (1x1-conv projections) in the last two. v1 (`visformer_tiny`, `visformer_small`)
+has three stages with timm's state-dict keys, so its weights load unchanged; v2 (MindCV's
+`visformer_tiny_v2`, `visformer_small_v2`) has four. q and k are each scaled by
+head_dim ** qk_scale_exponent before their product, which keeps fp16 logits in range.
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import get_pretrained_cfg, load_pretrained, register_model
+
+__all__ = ['Visformer', 'visformer_tiny', 'visformer_small', 'visformer_tiny_v2', 'visformer_small_v2']
+
+
+class SpatialMlp(nn.Module):
+    """1x1 conv, GELU, [3x3 grouped conv, GELU,] 1x1 conv; all without bias."""
+
+    def __init__(self, dim, hidden_dim, spatial_conv=False, group=8, drop=0.):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, hidden_dim, 1, bias=False)
+        self.act1 = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.conv2 = None
+        if spatial_conv:
+            self.conv2 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=group, bias=False)
+            self.act2 = nn.GELU()
+        self.conv3 = nn.Conv2d(hidden_dim, dim, 1, bias=False)
+        self.drop3 = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.drop1(self.act1(self.conv1(x)))
+        if self.conv2 is not None:
+            x = self.act2(self.conv2(x))
+        return self.drop3(self.conv3(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a (B, C, H, W) map, 1x1-conv projections."""
+
+    def __init__(self, dim, num_heads=8, qk_scale_exponent=-0.25, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qk_scale = self.head_dim ** qk_scale_exponent
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=False)
+        self.attn_drop = attn_drop
+        self.proj = nn.Conv2d(dim, dim, 1, bias=False)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.head_dim, H * W).permute(1, 0, 2, 4, 3)
+        x = F.scaled_dot_product_attention(q * self.qk_scale, k * self.qk_scale, v, scale=1.0,
+                                           dropout_p=self.attn_drop if self.training else 0.)
+        x = x.permute(0, 1, 3, 2).reshape(B, C, H, W)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """[x + attn(BN(x))], then x + mlp(BN(x)); the attention is absent in convolutional stages."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4., attention=True, spatial_conv=False, group=8,
+                 qk_scale_exponent=-0.25, drop=0., attn_drop=0., drop_path=0.):
+        super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm1 = self.attn = None
+        if attention:
+            self.norm1 = nn.BatchNorm2d(dim)
+            self.attn = Attention(dim, num_heads, qk_scale_exponent, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.BatchNorm2d(dim)
+        hidden = dim * 2 if spatial_conv else int(dim * mlp_ratio)
+        self.mlp = SpatialMlp(dim, hidden, spatial_conv=spatial_conv, group=group, drop=drop)
+
+    def forward(self, x):
+        if self.attn is not None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch_size (with bias), then BatchNorm."""
+
+    def __init__(self, in_chans, embed_dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.norm = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class Visformer(nn.Module):
+    """Stem (7x7/2 conv, BN, ReLU), then per stage: patch embedding, position embedding, blocks.
+
+    Stages are named from `first_stage` on (1 for v1, whose keys match timm's; 0 for v2).
+    `attn_stage` / `spatial_conv` are per-stage '0'/'1' strings."""
+
+    def __init__(self, img_size=224, in_chans=3, num_classes=1000, init_channels=32, stage_dims=(192, 384, 768),
+                 patch_sizes=(4, 2, 2), depths=(7, 4, 4), num_heads=(6, 6, 6), mlp_ratio=4., group=8,
+                 attn_stage='011', spatial_conv='100', qk_scale_exponent=-0.25, first_stage=1, drop_rate=0.,
+                 attn_drop_rate=0., drop_path_rate=0., pos_embed=True):
+        super().__init__()
+        num_stages = len(stage_dims)
+        if not (len(patch_sizes) == len(depths) == len(num_heads) == len(attn_stage) == len(spatial_conv)
+                == num_stages):
+            raise ValueError('stage_dims, patch_sizes, depths, num_heads, attn_stage and spatial_conv need one '
+                             'entry per stage')
+        stride = 2 * int(torch.tensor(patch_sizes).prod())
+        if img_size % stride:
+            raise ValueError(f'img_size {img_size} must be a multiple of {stride}')
+        self.num_classes = num_classes
+        self.num_features = stage_dims[-1]
+        self.stage_ids = list(range(first_stage, first_stage + num_stages))
+        self.grad_checkpointing = False
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, init_channels, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(init_channels),
+            nn.ReLU(inplace=True))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        size, in_dim, block = img_size // 2, init_channels, 0
+        for sid, dim, patch, depth, heads, attn, spatial in zip(self.stage_ids, stage_dims, patch_sizes, depths,
+                                                                 num_heads, attn_stage, spatial_conv):
+            size //= patch
+            setattr(self, f'patch_embed{sid}', PatchEmbed(in_dim, dim, patch))
+            setattr(self, f'pos_embed{sid}', nn.Parameter(torch.zeros(1, dim, size, size)) if pos_embed else None)
+            setattr(self, f'stage{sid}', nn.Sequential(*[
+                Block(dim, heads, mlp_ratio, attention=attn == '1', spatial_conv=spatial == '1', group=group,
+                      qk_scale_exponent=qk_scale_exponent, drop=drop_rate, attn_drop=attn_drop_rate,
+                      drop_path=dpr[block + i])
+                for i in range(depth)]))
+            block += depth
+            in_dim = dim
+        self.norm = nn.BatchNorm2d(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        for sid in self.stage_ids:
+            if getattr(self, f'pos_embed{sid}') is not None:
+                trunc_normal_(getattr(self, f'pos_embed{sid}'), std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {f'pos_embed{sid}' for sid in self.stage_ids if getattr(self, f'pos_embed{sid}') is not None}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(self.head)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        for sid in self.stage_ids:
+            x = getattr(self, f'patch_embed{sid}')(x)
+            pos_embed = getattr(self, f'pos_embed{sid}')
+            if pos_embed is not None:
+                x = self.pos_drop(x + pos_embed)
+            for blk in getattr(self, f'stage{sid}'):
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.head_drop(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs):
+    return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
+            'interpolation': 'bicubic', 'fixed_input_size': True, 'mean': IMAGENET_DEFAULT_MEAN,
+            'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.0', 'classifier': 'head', **kwargs}
+
+
+# timm's community weights for v1 (same keys), resolved before our names replace timm's entries
+_TIMM_WEIGHTS = {}
+for _name in ('visformer_tiny', 'visformer_small'):
+    _cfg_timm = get_pretrained_cfg(_name)
+    if _cfg_timm is not None:
+        _TIMM_WEIGHTS[_name] = _cfg_timm.to_dict()
+
+VARIANTS = {
+    'visformer_tiny': dict(init_channels=16, stage_dims=(96, 192, 384), patch_sizes=(4, 2, 2), depths=(7, 4, 4),
+                           num_heads=(3, 3, 3), attn_stage='011', spatial_conv='100', qk_scale_exponent=-0.25,
+                           first_stage=1),
+    'visformer_small': dict(init_channels=32, stage_dims=(192, 384, 768), patch_sizes=(4, 2, 2), depths=(7, 4, 4),
+                            num_heads=(6, 6, 6), attn_stage='011', spatial_conv='100', qk_scale_exponent=-0.25,
+                            first_stage=1),
+    'visformer_tiny_v2': dict(init_channels=24, stage_dims=(48, 96, 192, 384), patch_sizes=(2, 2, 2, 2),
+                              depths=(1, 4, 6, 3), num_heads=(1, 3, 6, 12), attn_stage='0011',
+                              spatial_conv='1100', qk_scale_exponent=-0.5, first_stage=0),
+    'visformer_small_v2': dict(init_channels=32, stage_dims=(64, 128, 256, 512), patch_sizes=(2, 2, 2, 2),
+                               depths=(1, 10, 14, 3), num_heads=(2, 4, 8, 16), attn_stage='0011',
+                               spatial_conv='1100', qk_scale_exponent=-0.5, first_stage=0),
+}
+
+
+def _create(variant, pretrained=False, **kwargs):
+    overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
+    kwargs.pop('pretrained_cfg', None)
+    kwargs.pop('cache_dir', None)
+    model = Visformer(**{**VARIANTS[variant], **kwargs})
+    img_size = kwargs.get('img_size', 224)
+    cfg = _cfg(**{**_TIMM_WEIGHTS.get(variant, {}), **overlay})
+    cfg['input_size'] = (3, img_size, img_size)
+    model.pretrained_cfg = model.default_cfg = cfg
+    if pretrained:
+        _load_release(model, variant, cfg)
+    return model
+
+
+def _load_release(model, variant, cfg):
+    """Weights from a local `file`, a `url` (cached by torch.hub), or timm's hub entry for v1."""
+    from utils.checkpoint import fetch_release_file, load_pretrained_weights
+    if cfg.get('file') or cfg.get('url'):
+        load_pretrained_weights(model, fetch_release_file(cfg), strict=True)
+    elif cfg.get('hf_hub_id'):
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes)
+    else:
+        raise ValueError(f'{variant} has no released weights; train it with main.py')
+
+
+def _register(fn):
+    # replaces timm's own v1 entries, whose keys and weights these models share
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return register_model(fn)
+
+
+@_register
+def visformer_tiny(pretrained=False, **kwargs):
+    """Visformer-Tiny: 10.3M params, 78.6 top-1 (paper)."""
+    return _create('visformer_tiny', pretrained, **kwargs)
+
+
+@_register
+def visformer_small(pretrained=False, **kwargs):
+    """Visformer-Small: 40.2M params, 82.2 top-1 (paper)."""
+    return _create('visformer_small', pretrained, **kwargs)
+
+
+@_register
+def visformer_tiny_v2(pretrained=False, **kwargs):
+    """Visformer-Tiny v2 (four stages): 79.6 top-1 (paper)."""
+    return _create('visformer_tiny_v2', pretrained, **kwargs)
+
+
+@_register
+def visformer_small_v2(pretrained=False, **kwargs):
+    """Visformer-Small v2 (four stages): 83.0 top-1 (paper)."""
+    return _create('visformer_small_v2', pretrained, **kwargs)
