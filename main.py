@@ -161,6 +161,8 @@ def get_parsers():
     p.add_argument('--dense-weight', type=float, default=0.5)
     p.add_argument('--cls-weight', type=float, default=1.0)
     p.add_argument('--ground-truth', action='store_true', default=False, help='blend ground truth into cls target')
+    p.add_argument('--aa-after-crop', action='store_true', default=False,
+                   help='token labels: RandAugment on the crop (faster) instead of the full image (the reference)')
     # finetune
     p.add_argument('--finetune', default='', type=str, metavar='PATH', help='checkpoint file or run directory')
     return config_parser, p
@@ -330,7 +332,8 @@ def build_loaders(args, data_config, device):
         augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None, re_prob=0.)
     if args.token_label and args.token_label_data:
         dataset = DatasetTokenLabel(train_root, args.token_label_data)
-        train = create_token_label_loader(dataset, img_size, args.batch_size, **augment, **common)
+        train = create_token_label_loader(dataset, img_size, args.batch_size, aa_after_crop=args.aa_after_crop,
+                                          **augment, **common)
     else:
         train = create_train_loader(train_root, img_size, args.batch_size, color_jitter=args.color_jitter,
                                     **augment, **common)

@@ -40,13 +40,14 @@ def create_token_label_loader(dataset, input_size, batch_size, is_training=True,
                               re_count=1, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.), hflip=0.5, vflip=0.,
                               auto_augment=None, interpolation='random', mean=IMAGENET_DEFAULT_MEAN,
                               std=IMAGENET_DEFAULT_STD, num_workers=1, distributed=False, pin_memory=False,
-                              persistent_workers=True, device=None, seed=0):
+                              persistent_workers=True, device=None, seed=0, aa_after_crop=False):
     """Training loader over a DatasetTokenLabel: yields (normalised images, (B, 3, 5, H, W) layouts)
     on `device`; turn the layouts into targets with create_token_label_target."""
     img_size = input_size[-2:] if isinstance(input_size, (tuple, list)) else input_size
     dataset.transform = TokenLabelTrainTransform(
         img_size=tuple(img_size) if isinstance(img_size, (tuple, list)) else img_size, scale=scale, ratio=ratio,
-        hflip=hflip, vflip=vflip, auto_augment=auto_augment, interpolation=interpolation, mean=mean)
+        hflip=hflip, vflip=vflip, auto_augment=auto_augment, interpolation=interpolation, mean=mean,
+        aa_after_crop=aa_after_crop)
     return wrap_loader(dataset, batch_size, is_training, device=device, num_workers=num_workers,
                        distributed=distributed, pin_memory=pin_memory, persistent_workers=persistent_workers,
                        mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count, seed=seed)

@@ -41,21 +41,28 @@ def op_matrix(name, arg, width, height):
     raise ValueError(f'{name} is not a geometric op')
 
 
-def warp_label_map(label_map, matrices, width, height):
-    """Move a (2, 5, h, w) label map as a chain of image-space affines (in the order they were
-    applied) moved the image: each map cell takes the value under its centre's source point,
-    traced back through every step, or zeros when the point left the image at any step (the image
-    shows fill colour there)."""
+def warp_label_map(label_map, matrices, width, height, frame=None):
+    """Move a (2, 5, h, w) label map over a width x height image as a chain of affines (in the order
+    they were applied) moved the image: each map cell takes the value under its centre's source
+    point, traced back through every step, or zeros when the point left the picture at any step
+    (the image shows fill colour there).
+
+    The matrices act on the full image's pixels, or, with frame = (top, left, crop_h, crop_w,
+    out_h, out_w), on the pixels of that crop resized to out_h x out_w (RandAugment after the crop)."""
     _, _, h, w = label_map.shape
+    top, left, crop_h, crop_w, out_h, out_w = frame or (0, 0, height, width, height, width)
+    sx, sy = out_w / crop_w, out_h / crop_h
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
                             indexing='ij')
-    x, y = (xs + 0.5) * width / w, (ys + 0.5) * height / h  # cell centres in image pixels
+    x = ((xs + 0.5) * width / w - left) * sx  # cell centres in the pixels the ops worked on
+    y = ((ys + 0.5) * height / h - top) * sy
     valid = torch.ones_like(x, dtype=torch.bool)
     for a, b, c, d, e, f in reversed(matrices):  # output -> input, last op first
         x, y = a * x + b * y + c, d * x + e * y + f
-        valid &= (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        valid &= (x >= 0) & (x < out_w) & (y >= 0) & (y < out_h)
         # the image was resampled at every step: continue from the centre of the pixel it read
         x, y = x.floor() + 0.5, y.floor() + 0.5
+    x, y = x / sx + left, y / sy + top
     col = (x * w / width).floor().long().clamp(0, w - 1)
     row = (y * h / height).floor().long().clamp(0, h - 1)
     out = torch.zeros_like(label_map)
@@ -78,20 +85,26 @@ class LabelAwareRandAugment:
             return fn(img, *args, **kwargs)
         return record
 
-    def __call__(self, img, label_map):
+    def __call__(self, img, label_map, image_size=None, frame=None):
+        """Augment img; move label_map (over an image of image_size, default img's) to match."""
         self._applied = []
         img = self.rand_augment(img)
         matrices = [op_matrix(name, args[0], *img.size) for name, args in self._applied if name in GEOMETRIC_OPS]
         if matrices:
-            label_map = warp_label_map(label_map, matrices, *img.size)
+            label_map = warp_label_map(label_map, matrices, *(image_size or img.size), frame=frame)
         return img, label_map
 
 
 class TokenLabelTrainTransform:
-    """(PIL image, (2,5,h,w) map) -> (uint8 (3,H,W) image, (2,5,h,w) map, crop box (top,left,h,w))."""
+    """(PIL image, (2,5,h,w) map) -> (uint8 (3,H,W) image, (2,5,h,w) map, crop box (top,left,h,w)).
+
+    aa_after_crop=True runs RandAugment on the resized crop instead of the full image (timm's order:
+    less work per image, a different augmentation strength than the reference's); the map follows
+    either way."""
 
     def __init__(self, img_size=224, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.), hflip=0.5, vflip=0.,
-                 auto_augment=None, interpolation='random', mean=(0.485, 0.456, 0.406)):
+                 auto_augment=None, interpolation='random', mean=(0.485, 0.456, 0.406), aa_after_crop=False):
+        self.aa_after_crop = aa_after_crop
         self.hflip = hflip
         self.vflip = vflip
         self.crop = RandomResizedCropAndInterpolation(img_size, scale=scale, ratio=ratio,
@@ -112,7 +125,7 @@ class TokenLabelTrainTransform:
             img, label_map = img.transpose(Image.FLIP_LEFT_RIGHT), label_map.flip(-1)
         if random.random() < self.vflip:
             img, label_map = img.transpose(Image.FLIP_TOP_BOTTOM), label_map.flip(-2)
-        if self.rand_augment is not None:
+        if self.rand_augment is not None and not self.aa_after_crop:
             img, label_map = self.rand_augment(img, label_map)
         width, height = img.size
         top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
@@ -120,6 +133,9 @@ class TokenLabelTrainTransform:
         if isinstance(interpolation, (tuple, list)):
             interpolation = random.choice(interpolation)
         img = TF.resized_crop(img, top, left, h, w, self.crop.size, interpolation)
+        if self.rand_augment is not None and self.aa_after_crop:
+            frame = (top, left, h, w, *self.crop.size)
+            img, label_map = self.rand_augment(img, label_map, image_size=(width, height), frame=frame)
         box = (top / height, left / width, h / height, w / width)
         return pil_to_uint8(img), label_map, box
 

@@ -19,12 +19,24 @@ from timm.models import register_model
 __all__ = ['VOLO', 'volo_d1', 'volo_d2', 'volo_d3', 'volo_d4', 'volo_d5']
 
 
+def zero_pad_hw(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Zero-pad H and W of a (B, H, W, C) map. Concatenation rather than F.pad: ONNX's converter has
+    no opset 18 -> 17 adapter for Pad, and the exporter only writes opset 18."""
+    if padding == 0:
+        return x
+    B, H, W, C = x.shape
+    rows = x.new_zeros(B, padding, W, C)
+    x = torch.cat([rows, x, rows], dim=1)
+    cols = x.new_zeros(B, H + 2 * padding, padding, C)
+    return torch.cat([cols, x, cols], dim=2)
+
+
 def unfold_windows(v: torch.Tensor, num_heads: int, kernel_size: int, stride: int, padding: int,
                    out_h: int, out_w: int) -> torch.Tensor:
     """(B, H, W, C) -> (B, out_h, out_w, heads, k*k, C/heads): the k x k window of every output cell."""
     B, H, W, C = v.shape
     k = kernel_size
-    v = F.pad(v, (0, 0, padding, padding, padding, padding))
+    v = zero_pad_hw(v, padding)
     v = v.unfold(1, k, stride).unfold(2, k, stride)[:, :out_h, :out_w]  # B,h,w,C,k,k (a view)
     v = v.unflatten(3, (num_heads, C // num_heads)).permute(0, 1, 2, 3, 5, 6, 4)
     return v.reshape(B, out_h, out_w, num_heads, k * k, C // num_heads)
@@ -94,8 +106,12 @@ class _SoftmaxSmall(torch.autograd.Function):
         return (grad - dot).mul_(y).mul_(ctx.scale), None
 
 
+def _exporting():
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def outlook_softmax(x, scale):
-    if x.is_cuda:
+    if x.is_cuda or _exporting():  # one Softmax node in exported graphs
         return (x * scale).softmax(dim=-1)
     if _needs_grad(x):
         return _SoftmaxSmall.apply(x, scale)
@@ -156,7 +172,9 @@ class OutlookAttention(nn.Module):
         attn = outlook_softmax(attn, self.scale)
         attn = self.attn_drop(attn)
 
-        x = outlook_fold(attn @ v, H, W, k, s, p)
+        # 3-D bmm: N-D matmul broadcasting is several times slower for these 9x9 @ 9xd products
+        x = torch.bmm(attn.reshape(-1, k * k, k * k), v.reshape(-1, k * k, v.shape[-1])).view(v.shape)
+        x = outlook_fold(x, H, W, k, s, p)
         x = self.proj(x)
         return self.proj_drop(x)
 
@@ -458,7 +476,10 @@ class VOLO(nn.Module):
             return cls
         logits = self.head(cls)
         if self.aux_head is not None:
-            logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(1)[0]
+            aux = self.aux_head(x[:, 1:])
+            # TopK exports to ONNX opset 17; ReduceMax from the opset-18 exporter does not convert down
+            best = aux.topk(1, dim=1).values[:, 0] if _exporting() else aux.amax(dim=1)
+            logits = logits + 0.5 * best
         return logits
 
     def forward_train(self, x):

@@ -349,3 +349,32 @@ def test_corrupt_image_is_skipped_with_its_path(shapes, tmp_path, caplog):
         img, layout = ds[0]
     assert str(victim) in caplog.text
     assert layout[2, 0, 0, 5] == ds.samples[1][1]
+
+
+@pytest.mark.parametrize('name,arg', [('Rotate', 25.), ('ShearX', -0.3), ('TranslateYRel', 0.2)])
+def test_geometric_ops_after_the_crop_move_the_map_too(name, arg):
+    from timm.data.auto_augment import NAME_TO_OP
+    top, left, size = 15, 30, 45  # a 45x45 crop, kept at its size: output pixels are image pixels
+    crop = _cell_image().crop((left, top, left + size, top + size))
+    img = np.asarray(NAME_TO_OP[name](crop, arg, fillcolor=(128, 128, 128), resample=Image.NEAREST)).astype(int)
+    moved = warp_label_map(_cell_map(), [op_matrix(name, arg, size, size)], 90, 90,
+                           frame=(top, left, size, size, size, size))
+    checked = 0
+    for r in range(1, 4):  # map cells whose centres lie inside the crop
+        for c in range(2, 5):
+            px = img[r * CELL + CELL // 2 - top, c * CELL + CELL // 2 - left]
+            if tuple(px) == (128, 128, 128):
+                assert moved[0, 0, r, c] == 0
+                continue
+            assert moved[1, 0, r, c] == (px[1] - 10) // 3 and moved[0, 0, r, c] == 5, (r, c)
+            checked += 1
+    assert checked >= 4
+
+
+def test_aa_after_crop_transform_runs_and_keeps_layout():
+    random.seed(1)
+    np.random.seed(1)
+    transform = TokenLabelTrainTransform(img_size=32, auto_augment='rand-m9-mstd0.5-inc1', aa_after_crop=True)
+    for _ in range(10):
+        tensor, label, box = transform(_cell_image(), _cell_map())
+        assert tensor.shape == (3, 32, 32) and label.shape == (2, 5, CELLS, CELLS) and len(box) == 4

@@ -5,7 +5,9 @@
 
 Both read the same generated JPEG folder (ImageNet-like 375x500 images, 18x18 label maps over
 1000 classes) with the same workers, RandAugment, random erasing and batch size, and normalise on
-the same device. 'targets' adds create_token_label_target (14x14 token labels) to each batch.
+the same device. The token-label loader runs RandAugment on the full image before the crop (the
+reference's order) or, with 'aa after crop', on the crop as timm does. 'targets' adds
+create_token_label_target (14x14 token labels) to each batch.
 """
 import argparse
 import os
@@ -75,6 +77,10 @@ def main(argv=None):
     token_ds = DatasetTokenLabel(os.path.join(root, 'train'), os.path.join(root, 'labels'))
     token = create_token_label_loader(token_ds, args.img_size, args.batch_size, auto_augment=args.aa,
                                       interpolation='random', device=device, **common)
+    token_ds_crop_first = DatasetTokenLabel(os.path.join(root, 'train'), os.path.join(root, 'labels'))
+    token_crop_first = create_token_label_loader(token_ds_crop_first, args.img_size, args.batch_size,
+                                                 auto_augment=args.aa, interpolation='random', device=device,
+                                                 aa_after_crop=True, **common)
 
     def targets(images, layouts):
         create_token_label_target(layouts, num_classes=1000, smoothing=0.1, label_size=args.img_size // 16)
@@ -82,11 +88,13 @@ def main(argv=None):
     results = {}
     for round_ in range(2):  # alternate, keep the better of two rounds each
         for name, loader, hook in (('timm plain', plain, None), ('token label', token, None),
+                                   ('token label, aa after crop', token_crop_first, None),
                                    ('token label + targets', token, targets)):
             r = rate(loader, args.batches, 2, args.batch_size, hook)
             results[name] = max(results.get(name, 0), r)
     base = results['timm plain']
-    print(f'# {args.images} images 375x500 -> {args.img_size}, batch {args.batch_size}, {args.workers} workers, '
+    count = len(plain_ds)
+    print(f'# {count} images 375x500 -> {args.img_size}, batch {args.batch_size}, {args.workers} workers, '
           f'{args.aa}, reprob {args.reprob}, device {device}')
     for name, r in results.items():
         print(f'{name:24s} {r:8.1f} img/s  ({(base / r - 1) * 100:+.1f}% time vs timm)')

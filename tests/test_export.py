@@ -1,0 +1,55 @@
+"""Deployment paths: ONNX at opset 17 (no Col2Im) and torch.compile, against eager PyTorch."""
+import onnx
+import pytest
+import torch
+
+import models
+from models import volo
+from tests.reference_ops import outlook_attention_reference
+from tools import export_onnx
+
+
+def test_onnx_opset17_export_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    model = models.volo_d1(img_size=32, num_classes=10)
+    path = str(tmp_path / 'volo_d1.onnx')
+    version, diff = export_onnx.export(model, 32, path, opset=17)
+    assert version == 17 and diff <= 1e-4
+    graph = onnx.load(path)
+    assert 'Col2Im' not in {n.op_type for n in graph.graph.node}
+    assert {o.version for o in graph.opset_import if o.domain in ('', 'ai.onnx')} == {17}
+
+
+def test_torch_compile_cpu_matches_eager():
+    torch.manual_seed(0)
+    model = models.volo_d1(img_size=32, num_classes=10, mix_token=False)
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() <= 1e-4
+    model.train()
+    cls, aux, _ = compiled(x)
+    (cls.square().mean() + aux.square().mean()).backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    cls_e, aux_e, _ = model(x)
+    (cls_e.square().mean() + aux_e.square().mean()).backward()
+    assert (cls - cls_e).abs().max().item() <= 1e-4
+    for n, p in model.named_parameters():
+        assert (compiled_grads[n] - p.grad).abs().max().item() <= 1e-4, n
+
+
+@pytest.mark.parametrize('name', sorted(volo.VARIANTS))
+def test_fast_outlook_attention_every_variant_fp32(name):
+    """Stage-1 outlook attention of each variant at its 224-px grid, batch 1, forward and gradients."""
+    cfg = volo.VARIANTS[name]
+    torch.manual_seed(0)
+    module = volo.OutlookAttention(cfg['embed_dims'][0], cfg['num_heads'][0], kernel_size=3, padding=1, stride=2)
+    x = torch.randn(1, 28, 28, cfg['embed_dims'][0], requires_grad=True)
+    out, ref = module(x), outlook_attention_reference(module, x)
+    assert (out - ref).abs().max().item() <= 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *module.parameters()], g),
+                    torch.autograd.grad(ref, [x, *module.parameters()], g)):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1., b.abs().max().item())

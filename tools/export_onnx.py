@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Export a model to ONNX (opset 17 by default) and check it against PyTorch with onnxruntime.
+
+    python tools/export_onnx.py --model volo_d1 --checkpoint d1_224_84.2.pth.tar --img-size 224 --out volo_d1.onnx
+
+Needs `pip install onnx onnxruntime onnxscript`. The outlook attention of this repo exports without
+Col2Im, so opset 17 (and TensorRT) work.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import models  # noqa: E402,F401
+from utils import load_pretrained_weights  # noqa: E402
+
+
+def export(model, img_size, path, opset=17, batch=2):
+    """Export `model` (eval) and return (onnx opset, max abs difference to PyTorch on random input)."""
+    import onnx
+    import onnxruntime as ort
+    model = model.eval()
+    x = torch.randn(batch, 3, img_size, img_size)
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['images'], output_names=['logits'])
+        expected = model(x).numpy()
+    graph = onnx.load(path)
+    version = max(o.version for o in graph.opset_import if o.domain in ('', 'ai.onnx'))
+    if version != opset:
+        raise RuntimeError(f'{path}: the exporter wrote opset {version}, not {opset}')
+    got = ort.InferenceSession(path).run(None, {'images': x.numpy()})[0]
+    return version, float(np.abs(got - expected).max())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='volo_d1')
+    p.add_argument('--checkpoint', default='')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--opset', type=int, default=17)
+    p.add_argument('--out', required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    model = timm.create_model(args.model, img_size=args.img_size, **kwargs)
+    if args.checkpoint:
+        load_pretrained_weights(model, args.checkpoint)
+    start = time.perf_counter()
+    version, diff = export(model, args.img_size, args.out, args.opset)
+    print(f'{args.out}: opset {version}, max |onnxruntime - torch| = {diff:.2e} '
+          f'({time.perf_counter() - start:.0f} s)')
+    return diff
+
+
+if __name__ == '__main__':
+    sys.exit(0 if main() < 1e-4 else 1)
