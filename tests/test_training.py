@@ -309,3 +309,14 @@ def test_recipes_parse_and_match_the_reference(config):
     else:
         assert (args.lr, args.min_lr, args.weight_decay, epochs, args.warmup_epochs) == (8e-6, 4e-6, 1e-8, 40, 5)
         assert args.ground_truth
+
+
+def test_apex_amp_falls_back_to_native_bf16_on_cpu(shapes, tmp_path, caplog):
+    with caplog.at_level('INFO'):
+        run = _run(shapes, tmp_path, '--epochs', '1', '--apex-amp', '--channels-last', *_token_args(shapes))
+    assert 'NVIDIA apex is not installed; using native torch.amp' in caplog.text
+    assert 'Mixed precision: native' in caplog.text and 'bfloat16' in caplog.text
+    assert float(_summary(run)[0]['train_loss']) > 0
+    rows = validate_script.main([shapes, '--model', 'volo_d1', '--checkpoint', os.path.join(run, 'last.pth.tar'),
+                                 '--img-size', '32', '-j', '0', '--amp', '--channels-last'])
+    assert 0 <= rows[0]['top1'] <= 100
