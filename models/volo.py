@@ -13,17 +13,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 __all__ = ['VOLO', 'volo_d1', 'volo_d2', 'volo_d3', 'volo_d4', 'volo_d5']
 
 
+def _exporting():
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def zero_pad_hw(x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Zero-pad H and W of a (B, H, W, C) map. Concatenation rather than F.pad: ONNX's converter has
+    """Zero-pad H and W of a (B, H, W, C) map. When exporting, by concatenation: ONNX's converter has
     no opset 18 -> 17 adapter for Pad, and the exporter only writes opset 18."""
     if padding == 0:
         return x
+    if not _exporting():
+        return F.pad(x, (0, 0, padding, padding, padding, padding))
     B, H, W, C = x.shape
     rows = x.new_zeros(B, padding, W, C)
     x = torch.cat([rows, x, rows], dim=1)
@@ -86,8 +92,7 @@ class _FoldWindows(torch.autograd.Function):
 def softmax_small(x: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(x * scale) over a short last dimension (k*k = 9): on CPU, PyTorch's softmax kernel
     is several times slower for such rows than these elementwise passes."""
-    x = x * scale
-    e = (x - x.amax(dim=-1, keepdim=True)).exp_()
+    e = torch.sub(x, x.amax(dim=-1, keepdim=True)).mul_(scale).exp_()  # scale > 0 keeps the argmax
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
@@ -102,12 +107,9 @@ class _SoftmaxSmall(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, = ctx.saved_tensors
-        dot = (grad * y).sum(dim=-1, keepdim=True)
-        return (grad - dot).mul_(y).mul_(ctx.scale), None
-
-
-def _exporting():
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        grad_y = grad * y
+        dot = grad_y.sum(dim=-1, keepdim=True)
+        return grad_y.addcmul_(y, dot, value=-1.).mul_(ctx.scale), None
 
 
 def outlook_softmax(x, scale):
@@ -179,9 +181,52 @@ class OutlookAttention(nn.Module):
         return self.proj_drop(x)
 
 
+class _GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight, bias) that keeps only h for backward and recomputes gelu(h) there:
+    one hidden-size activation less per MLP (a sixth of VOLO-D1's training activations)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(True)
+            a = F.gelu(h_)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = (grad_2d.t() @ a.detach().reshape(-1, a.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        grad_bias = grad_2d.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_a = grad @ weight.to(grad.dtype)
+        grad_h, = torch.autograd.grad(a, h_, grad_a.to(a.dtype))
+        return grad_h, grad_weight, grad_bias
+
+
+class Mlp(nn.Module):
+    """fc1, GELU, fc2 (the reference's keys); in training, GELU's output is recomputed in backward."""
+
+    def __init__(self, in_features, hidden_features, drop=0.):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if _needs_grad(h) and not self.drop.p:
+            x = _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
+        else:
+            x = self.fc2(self.drop(self.act(h)))
+        return self.drop(x)
+
+
 class Outlooker(nn.Module):
     def __init__(self, dim, kernel_size, padding, stride=1, num_heads=1, mlp_ratio=3., attn_drop=0.,
-                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm, qkv_bias=False,
+                 drop_path=0., norm_layer=nn.LayerNorm, qkv_bias=False,
                  qk_scale=None):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -190,7 +235,7 @@ class Outlooker(nn.Module):
                                      attn_drop=attn_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -220,14 +265,14 @@ class Attention(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, attn_drop=0.,
-                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+                 drop_path=0., norm_layer=nn.LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                               attn_drop=attn_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -263,15 +308,14 @@ class ClassBlock(nn.Module):
     """Updates the class token only; patch tokens pass through."""
 
     def __init__(self, dim, num_heads, head_dim=None, mlp_ratio=4., qkv_bias=False, qk_scale=None,
-                 drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+                 drop=0., attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = ClassAttention(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias,
                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
-                       drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x):
         cls = x[:, :1]

@@ -67,12 +67,15 @@ def test_token_label_training_writes_loadable_outputs(shapes, tmp_path):
     assert args['model'] == 'volo_d1' and args['token_label'] is True
 
 
-def test_resume_continues_epoch_and_optimizer_state(shapes, tmp_path):
-    run = _run(shapes, tmp_path, '--epochs', '1', *_token_args(shapes))
+def test_resume_continues_epoch_and_optimizer_state(shapes, tmp_path, caplog):
+    run = _run(shapes, tmp_path, '--epochs', '1', '--model-ema', '--model-ema-decay', '0.5', *_token_args(shapes))
     first = safe_load(os.path.join(run, 'last.pth.tar'))
     steps = int(next(iter(first['optimizer']['state'].values()))['step'])
-    resumed = _run(shapes, tmp_path, '--epochs', '2', '--resume', os.path.join(run, 'last.pth.tar'),
-                   *_token_args(shapes))
+    assert 'state_dict_ema' in first
+    with caplog.at_level('INFO'):
+        resumed = _run(shapes, tmp_path, '--epochs', '2', '--resume', os.path.join(run, 'last.pth.tar'),
+                       '--model-ema', '--model-ema-decay', '0.5', *_token_args(shapes))
+    assert 'continuing at epoch 1' in caplog.text and 'no EMA weights' not in caplog.text
     assert resumed == run  # continues in the run directory
     assert [r['epoch'] for r in _summary(run)] == ['0', '1']
     second = safe_load(os.path.join(run, 'last.pth.tar'))

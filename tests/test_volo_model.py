@@ -64,7 +64,7 @@ def test_state_dict_layout(name):
 
 @pytest.mark.parametrize('name,img_size,batch', [
     ('volo_d1', 224, 2), ('volo_d2', 224, 2), ('volo_d3', 224, 2), ('volo_d4', 224, 1),
-    ('volo_d5', 224, 1), ('volo_d1', 384, 2), ('volo_d5', 512, 1)])
+    ('volo_d5', 224, 1), ('volo_d1', 384, 2), ('volo_d3', 448, 1), ('volo_d5', 512, 1)])
 def test_eval_parity_with_timm(name, img_size, batch):
     torch.manual_seed(0)
     ours = getattr(models, name)(img_size=img_size).eval()
@@ -301,3 +301,23 @@ def test_outlook_attention_rejects_inconsistent_geometry():
     module = volo.OutlookAttention(8, 2, kernel_size=3, padding=0, stride=2)
     with pytest.raises(ValueError, match='needs as many windows'):
         module(torch.randn(1, 8, 8, 8))
+
+
+def test_lean_mlp_gradients_equal_plain_autograd():
+    torch.manual_seed(0)
+    mlp = volo.Mlp(8, 24).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    out = mlp(x)
+    ref = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
+    assert torch.allclose(out, ref, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *mlp.parameters()], g),
+                    torch.autograd.grad(ref, [x, *mlp.parameters()], g)):
+        assert torch.allclose(a, b, atol=1e-10)
+    # under CPU bf16 autocast the gradients keep the parameters' dtype
+    mlp = volo.Mlp(8, 24)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = mlp(torch.randn(2, 4, 8, requires_grad=True))
+    y.float().sum().backward()
+    assert mlp.fc1.weight.grad.dtype == mlp.fc2.weight.grad.dtype == torch.float32
+    assert torch.isfinite(mlp.fc2.weight.grad).all()

@@ -6,14 +6,14 @@
     python tools/benchmark.py --op outlook_attention -b 16 --compare-timm --threads 2
 
 Both implementations get the same weights and inputs; timings alternate between them and report
-medians. Peak memory is measured in a fresh process per implementation: on CUDA with the
-allocator's peak, on CPU with the kernel's resident-set high-water mark (reset before the run).
+medians. Peak memory is that of one step above the memory held before it (weights, optimizer
+state): on CUDA the allocator's peak, on CPU the peak of live tensor bytes in torch.profiler's
+memory timeline.
 """
 import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -47,9 +47,8 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile both implementations')
-    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     p.add_argument('--json', default=None, help='write the results here')
-    p.add_argument('--_memory-of', dest='memory_of', default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -179,55 +178,37 @@ def time_alternating(steps, args, device):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _rss_kib(field):
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} not in /proc/self/status')
-
-
-def measure_memory_here(args, which, mode):
-    """Peak memory (MiB) of `mode` steps of one implementation, in this (fresh) process."""
-    device = args.device
-    ours, ref = build_pair(args)
-    model = (ours if which == 'ours' else ref).to(device)
-    if args.channels_last and not args.op:
-        model = model.to(memory_format=torch.channels_last)
-    step = make_step(model, args, device, mode)
+def peak_memory_mib(step, device):
+    """Peak memory of one step above what was allocated before it (model, optimizer state): the
+    CUDA allocator's peak, or on the CPU the peak of live tensor bytes in the profiler's memory
+    timeline (exact and allocator-independent, unlike the process RSS)."""
+    step()  # warm: optimizer state and caches exist before the measured step
     if torch.device(device).type == 'cuda':
         sync(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(3):
-            step()
+        step()
         sync(device)
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    base = _rss_kib('VmRSS')
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # reset VmHWM to the current RSS
-    for _ in range(3):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
         step()
-    return (_rss_kib('VmHWM') - base) / 1024
-
-
-def measure_memory(argv, which, mode):
-    cmd = [sys.executable, os.path.abspath(__file__), '--_memory-of', f'{which}:{mode}'] + argv
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f'memory run failed: {out.stderr[-2000:]}')
-    return float(out.stdout.strip().splitlines()[-1])
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        name = getattr(action, 'name', str(action))
+        if name == 'CREATE':
+            live += size
+        elif name == 'DESTROY':
+            live -= size
+        peak = max(peak, live)
+    return peak / 2 ** 20
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_of:
-        which, mode = args.memory_of.split(':')
-        print(measure_memory_here(args, which, mode))
-        return None
     device = args.device
     ours, ref = build_pair(args)
     impls = {'ours': ours.to(device)}
@@ -248,7 +229,7 @@ def main(argv=None):
                        precision=args.precision, device=device, ms=sec * 1e3,
                        images_per_s=args.batch_size / sec)
             if not args.no_memory:
-                row['peak_mib'] = measure_memory(argv, name, mode)
+                row['peak_mib'] = peak_memory_mib(steps[name], device)
             results.append(row)
     header = f'{"impl":6} {"mode":6} {"ms/step":>9} {"img/s":>9} {"peak MiB":>9}'
     print(header)
