@@ -274,6 +274,8 @@ def check_token_labels(args, model):
     if not has_dense_head(model):
         raise UsageError(f'--token-label needs a model with a dense (token) head such as VOLO; '
                          f'{args.model} has none. Drop --token-label to train it with plain or mixup targets')
+    if args.token_label_data and args.aa and not args.aa.startswith('rand'):
+        raise UsageError(f'--aa {args.aa}: token-label maps follow RandAugment ("rand-...") only')
     grid = token_grid(model)
     if args.token_label_data and args.token_label_size != 1 and grid is not None:
         if grid[0] != grid[1] or args.token_label_size != grid[0]:

@@ -248,6 +248,8 @@ def test_guards_before_any_compute(shapes, tmp_path, caplog):
     assert 'multiple of 16' in msg
     msg = _cli_error([shapes, *base, '--img-size', '64', *_token_args(shapes, 2)], caplog)
     assert 'use --token-label-size 4' in msg
+    msg = _cli_error([shapes, *base, '--aa', 'original', *_token_args(shapes)], caplog)
+    assert 'token-label maps follow RandAugment' in msg
     msg = _cli_error([shapes, *base, '--model', 'resnet18', '--token-label'], caplog)
     assert 'needs a model with a dense' in msg
     assert not glob.glob(str(tmp_path / 'train' / '*'))  # nothing was started
