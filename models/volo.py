@@ -194,14 +194,12 @@ class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(True)
-            a = F.gelu(h_)
+        a = F.gelu(h)
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_weight = (grad_2d.t() @ a.detach().reshape(-1, a.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        grad_weight = (grad_2d.t() @ a.reshape(-1, a.shape[-1]).to(grad.dtype)).to(weight.dtype)
         grad_bias = grad_2d.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_a = grad @ weight.to(grad.dtype)
-        grad_h, = torch.autograd.grad(a, h_, grad_a.to(a.dtype))
+        grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h)  # aten op: torch.compile traces it
         return grad_h, grad_weight, grad_bias
 
 
