@@ -309,20 +309,20 @@ def build_mixup(args):
 
 
 def resolve_classes(args):
-    """Check the data folders now; the class count defaults to the training folder's."""
+    """Check the data folders now; the class count defaults to the training folder's.
+    Returns the (train, eval) split folders."""
     train_root = find_split(args.data_dir, args.train_split)
-    find_split(args.data_dir, args.val_split)
+    eval_root = find_split(args.data_dir, args.val_split)
     found = len(find_classes(train_root)[0])
     if args.num_classes is None:
         args.num_classes = found
         _logger.info('%d classes in %s', found, train_root)
     elif args.num_classes < found:
         raise UsageError(f'--num-classes {args.num_classes}, but {train_root} has {found} class folders')
+    return train_root, eval_root
 
 
-def build_loaders(args, data_config, device):
-    train_root = find_split(args.data_dir, args.train_split)
-    eval_root = find_split(args.data_dir, args.val_split)
+def build_loaders(args, data_config, device, train_root, eval_root):
     interpolation = args.train_interpolation or data_config['interpolation']
     common = dict(num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
                   mean=data_config['mean'], std=data_config['std'])
@@ -454,13 +454,13 @@ def main(argv=None):
     if args.resume == 'auto':
         args.resume = find_latest_checkpoint(args.output or './output')
         _logger.info('--resume auto: %s', args.resume or 'no checkpoint found, starting fresh')
-    resolve_classes(args)
+    train_root, eval_root = resolve_classes(args)
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
     check_token_labels(args, model)
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
-    loader_train, loader_eval = build_loaders(args, data_config, device)
+    loader_train, loader_eval = build_loaders(args, data_config, device, train_root, eval_root)
     if args.rank == 0:
         _logger.info('Model %s: %d parameters, input %s', args.model,
                      sum(p.numel() for p in model.parameters()), data_config['input_size'])
