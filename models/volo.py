@@ -136,20 +136,45 @@ def outlook_fold(y, height, width, kernel_size, stride, padding):
     return fold_windows(y, height, width, kernel_size, stride, padding)
 
 
+def outlook_aggregate(v, attn, kernel_size, stride, padding):
+    """fold(attn @ unfold(v)) for values v (B, H, W, C) and window attention probabilities
+    attn (B, h, w, heads, k*k, k*k): (B, H, W, C)."""
+    B, H, W, C = v.shape
+    k = kernel_size
+    h, w, heads = attn.shape[1:4]
+    v = outlook_unfold(v, heads, k, stride, padding, h, w)  # B,h,w,heads,kk,d
+    # 3-D bmm: N-D matmul broadcasting is several times slower for these 9x9 @ 9xd products
+    x = torch.bmm(attn.reshape(-1, k * k, k * k), v.reshape(-1, k * k, v.shape[-1])).view(v.shape)
+    return outlook_fold(x, H, W, k, stride, padding)
+
+
+OUTLOOK_IMPLS = ('auto', 'triton', 'torch')
+
+
 class OutlookAttention(nn.Module):
-    """Each output cell predicts, from the pooled input, a k^2 x k^2 attention over its window."""
+    """Each output cell predicts, from the pooled input, a k^2 x k^2 attention over its window.
+
+    outlook_impl: 'torch' strided window copies and adds (any device, exportable); 'triton' the fused
+    kernels of models/outlook_triton.py; 'auto' (default) Triton on CUDA when it is installed and
+    passes a one-time self-check on the device, else 'torch'. Exporting always takes 'torch'.
+    """
 
     def __init__(self, dim, num_heads, kernel_size=3, padding=1, stride=1, qkv_bias=False,
-                 qk_scale=None, attn_drop=0., proj_drop=0.):
+                 qk_scale=None, attn_drop=0., proj_drop=0., outlook_impl='auto'):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        if outlook_impl not in OUTLOOK_IMPLS:
+            raise ValueError(f'outlook_impl must be one of {OUTLOOK_IMPLS}, got {outlook_impl!r}')
+        if outlook_impl == 'triton' and attn_drop > 0:
+            raise ValueError("outlook_impl='triton' has no attention dropout; use attn_drop=0 or 'auto'")
         head_dim = dim // num_heads
         self.num_heads = num_heads
         self.kernel_size = kernel_size
         self.padding = padding
         self.stride = stride
         self.scale = qk_scale or head_dim ** -0.5
+        self.outlook_impl = outlook_impl
 
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn = nn.Linear(dim, kernel_size ** 4 * num_heads)
@@ -157,6 +182,16 @@ class OutlookAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
+
+    def _fused(self, x):
+        if self.outlook_impl == 'torch' or _exporting():
+            return False
+        if self.outlook_impl == 'triton':
+            return True
+        if not x.is_cuda or (self.training and self.attn_drop.p > 0):
+            return False
+        from .outlook_triton import fused_kernels_work
+        return fused_kernels_work(x.device)
 
     def forward(self, x):
         B, H, W, C = x.shape
@@ -168,15 +203,15 @@ class OutlookAttention(nn.Module):
                 f'as pooled cells; a {H}x{W} map gives {(H + 2 * p - k) // s + 1}x'
                 f'{(W + 2 * p - k) // s + 1} windows and {h}x{w} cells')
 
-        v = outlook_unfold(self.v(x), self.num_heads, k, s, p, h, w)  # B,h,w,heads,kk,d
+        v = self.v(x)
         attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         attn = self.attn(attn).reshape(B, h, w, self.num_heads, k * k, k * k)
-        attn = outlook_softmax(attn, self.scale)
-        attn = self.attn_drop(attn)
-
-        # 3-D bmm: N-D matmul broadcasting is several times slower for these 9x9 @ 9xd products
-        x = torch.bmm(attn.reshape(-1, k * k, k * k), v.reshape(-1, k * k, v.shape[-1])).view(v.shape)
-        x = outlook_fold(x, H, W, k, s, p)
+        if self._fused(x):
+            from .outlook_triton import outlook_attention_fused
+            x = outlook_attention_fused(v, attn, k, s, p, self.scale)
+        else:
+            attn = self.attn_drop(outlook_softmax(attn, self.scale))
+            x = outlook_aggregate(v, attn, k, s, p)
         x = self.proj(x)
         return self.proj_drop(x)
 
@@ -225,12 +260,12 @@ class Mlp(nn.Module):
 class Outlooker(nn.Module):
     def __init__(self, dim, kernel_size, padding, stride=1, num_heads=1, mlp_ratio=3., attn_drop=0.,
                  drop_path=0., norm_layer=nn.LayerNorm, qkv_bias=False,
-                 qk_scale=None):
+                 qk_scale=None, outlook_impl='auto'):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = OutlookAttention(dim, num_heads, kernel_size=kernel_size, padding=padding,
                                      stride=stride, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                     attn_drop=attn_drop)
+                                     attn_drop=attn_drop, outlook_impl=outlook_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -381,7 +416,7 @@ class VOLO(nn.Module):
                  outlook_attention=None, mlp_ratios=None, qkv_bias=False, qk_scale=None, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0., norm_layer=nn.LayerNorm, post_layers=('ca', 'ca'),
                  return_mean=False, return_dense=True, mix_token=True, pooling_scale=2, out_kernel=3,
-                 out_stride=2, out_padding=1):
+                 out_stride=2, out_padding=1, outlook_impl='auto'):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         step = patch_size * pooling_scale
@@ -418,7 +453,8 @@ class VOLO(nn.Module):
                     blocks.append(Outlooker(
                         embed_dims[i], kernel_size=out_kernel, padding=out_padding, stride=out_stride,
                         num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
-                        qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer))
+                        qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer,
+                        outlook_impl=outlook_impl))
                 else:
                     dpr = drop_path_rate * (j + sum(layers[:i])) / max(total_blocks - 1, 1)
                     blocks.append(Transformer(

@@ -1,6 +1,7 @@
 """Plain formulations kept as the yardstick for the fast paths in models/."""
 import math
 
+import torch
 import torch.nn.functional as F
 
 
@@ -18,3 +19,14 @@ def outlook_attention_reference(module, x):
     out = (attn @ v).permute(0, 1, 4, 3, 2).reshape(B, C * k * k, h * w)
     out = F.fold(out, (H, W), k, padding=p, stride=s)
     return module.proj(out.permute(0, 2, 3, 1))
+
+
+def assert_matches_reference(module, x, tol=1e-5):
+    """module(x) and the gradients for x and every parameter against the reference, within tol
+    (gradients: relative to their largest entry where that is above 1)."""
+    out, ref = module(x), outlook_attention_reference(module, x)
+    assert (out - ref).abs().max().item() <= tol
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *module.parameters()], g),
+                    torch.autograd.grad(ref, [x, *module.parameters()], g)):
+        assert (a - b).abs().max().item() <= tol * max(1., b.abs().max().item())

@@ -4,13 +4,18 @@
     python tools/benchmark.py --model volo_d1 --img-size 224 -b 16 --mode infer --compare-timm
     python tools/benchmark.py --model volo_d1 -b 8 --mode train --compare-timm --threads 2
     python tools/benchmark.py --op outlook_attention -b 16 --compare-timm --threads 2
+    python tools/benchmark.py --model volo_d1 -b 128 --mode train --device cuda --precision bf16 \
+        --compare-timm [--compile] [--outlook-impl torch]
 
 Both implementations get the same weights and inputs; timings alternate between them and report
 medians. Peak memory is that of one step above the memory held before it (weights, optimizer
 state): on CUDA the allocator's peak, on CPU the peak of live tensor bytes in torch.profiler's
-memory timeline.
+memory timeline. MFU (model FLOPs utilisation) is the step's matmul and convolution FLOPs, counted by
+torch.utils.flop_counter on the unfused model (3x the forward for a training step), over the time,
+over the peak: --peak-tflops, or the dense bf16/fp16 peak of a known GPU.
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -47,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile both implementations')
+    p.add_argument('--outlook-impl', choices=['auto', 'triton', 'torch'], default='auto',
+                   help="this repo's outlook attention: fused Triton kernels, PyTorch, or auto (Triton on CUDA)")
+    p.add_argument('--peak-tflops', type=float, default=None,
+                   help='peak of the device for MFU (default: known GPUs at bf16/fp16 dense)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     p.add_argument('--json', default=None, help='write the results here')
     return p.parse_args(argv)
@@ -79,12 +88,13 @@ def build_pair(args):
     if args.op == 'outlook_attention':
         from timm.models.volo import OutlookAttention as TimmOutlook
         from models.volo import OutlookAttention
-        ours = OutlookAttention(192, 6, kernel_size=3, padding=1, stride=2)
+        ours = OutlookAttention(192, 6, kernel_size=3, padding=1, stride=2, outlook_impl=args.outlook_impl)
         ref = TimmOutlook(192, 6, kernel_size=3, padding=1, stride=2) if args.compare_timm else None
     else:
         kwargs = dict(img_size=args.img_size) if args.model.startswith('volo') else {}
         if args.model.startswith('volo'):
             kwargs['mix_token'] = False  # timm's has none; compare the same computation
+            kwargs['outlook_impl'] = args.outlook_impl
         ours = timm.create_model(args.model, **kwargs)
         ref = None
         if args.compare_timm:
@@ -156,6 +166,32 @@ def make_step(model, args, device, mode):
     return step
 
 
+# dense bf16/fp16 tensor-core peaks, TFLOP/s
+KNOWN_PEAKS = {'H100': 989., 'H200': 989., 'H800': 989., 'A100': 312., 'L4': 121., 'RTX 4090': 165.}
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if torch.device(device).type != 'cuda' or args.precision == 'fp32':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in KNOWN_PEAKS.items() if key in name), None)
+
+
+def forward_flops(model, args):
+    """FLOPs of one forward of one input, counted on the meta device with the unfused path."""
+    from torch.utils.flop_counter import FlopCounterMode
+    twin = copy.deepcopy(model).to('meta').eval()
+    for m in twin.modules():
+        if hasattr(m, 'outlook_impl'):
+            m.outlook_impl = 'torch'
+    x = make_input(argparse.Namespace(**{**vars(args), 'batch_size': 1, 'channels_last': False}), 'meta')
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        twin(x)
+    return counter.get_total_flops()
+
+
 def sync(device):
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize()
@@ -221,6 +257,8 @@ def main(argv=None):
     modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
     print(f'# {label} {args.img_size}px batch {args.batch_size} {args.precision} on {device} '
           f'({torch.get_num_threads()} threads), torch {torch.__version__}, timm {timm.__version__}')
+    peak = peak_tflops(args, device)
+    flops = forward_flops(ours, args) if peak else None
     for mode in modes:
         steps = {name: make_step(m, args, device, mode) for name, m in impls.items()}
         medians = time_alternating(steps, args, device)
@@ -228,14 +266,19 @@ def main(argv=None):
             row = dict(impl=name, target=label, mode=mode, img_size=args.img_size, batch=args.batch_size,
                        precision=args.precision, device=device, ms=sec * 1e3,
                        images_per_s=args.batch_size / sec)
+            if peak:
+                step_flops = flops * args.batch_size * (3 if mode == 'train' else 1)
+                row['mfu'] = step_flops / sec / (peak * 1e12)
             if not args.no_memory:
                 row['peak_mib'] = peak_memory_mib(steps[name], device)
             results.append(row)
-    header = f'{"impl":6} {"mode":6} {"ms/step":>9} {"img/s":>9} {"peak MiB":>9}'
-    print(header)
+    if peak:
+        print(f'# {flops / 1e9:.2f} GFLOP per image forward, MFU against {peak:.0f} TFLOP/s')
+    print(f'{"impl":6} {"mode":6} {"ms/step":>9} {"img/s":>9} {"peak MiB":>9} {"MFU":>6}')
     for r in results:
         mem = f'{r["peak_mib"]:9.0f}' if 'peak_mib' in r else f'{"-":>9}'
-        print(f'{r["impl"]:6} {r["mode"]:6} {r["ms"]:9.1f} {r["images_per_s"]:9.1f} {mem}')
+        mfu = f'{100 * r["mfu"]:5.1f}%' if 'mfu' in r else f'{"-":>6}'
+        print(f'{r["impl"]:6} {r["mode"]:6} {r["ms"]:9.1f} {r["images_per_s"]:9.1f} {mem} {mfu}')
     if 'timm' in impls:
         for mode in modes:
             o, t = (next(r for r in results if r['impl'] == i and r['mode'] == mode) for i in ('ours', 'timm'))
