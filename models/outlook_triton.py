@@ -12,8 +12,8 @@ deterministic (no atomics):
     backward   per logits row: d logits = scale * p * (dp - <p, dp>), dp_q = <grad_out, v_q>;
                per value pixel: the sum, over the windows that hold it, of p[:, q] . grad_out.
 
-On CUDA the kernels are compiled (and captured by torch.compile through torch.library.triton_op);
-on CPU they run in Triton's interpreter, which is slow and there for the tests.
+On CUDA the kernels are compiled; on CPU they run in Triton's interpreter, which is slow and there for
+the tests. Both directions are custom ops with shape functions, so torch.compile captures them whole.
 """
 import math
 import warnings
@@ -24,7 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import custom_op
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
     triton = None
 
@@ -214,9 +214,7 @@ if triton is not None:
     def _run(launches, device):
         for name, grid, args, meta in launches:
             kernel = _KERNELS[name]
-            if device.type == 'cuda':
-                wrap_triton(kernel)[grid](*args, **meta)
-            elif interpreting():
+            if device.type == 'cuda' or interpreting():
                 kernel[grid](*args, **meta)
             else:
                 raise RuntimeError(f'the fused outlook attention runs on CUDA, or on {device.type} in '
@@ -227,7 +225,8 @@ if triton is not None:
         dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
         return torch.full((1,), scale, dtype=dtype, device=v.device)
 
-    @triton_op('volo::outlook_attention', mutates_args=())
+    # Opaque custom ops: torch.compile keeps them whole (no graph breaks) and needs only their shapes.
+    @custom_op('volo::outlook_attention', mutates_args=())
     def _outlook_attention(v: torch.Tensor, logits: torch.Tensor, kernel_size: int, stride: int,
                            padding: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty_like(v)
@@ -236,7 +235,7 @@ if triton is not None:
              v.device)
         return out, prob
 
-    @triton_op('volo::outlook_attention_backward', mutates_args=())
+    @custom_op('volo::outlook_attention_backward', mutates_args=())
     def _outlook_attention_backward(grad: torch.Tensor, v: torch.Tensor, prob: torch.Tensor,
                                     kernel_size: int, stride: int, padding: int,
                                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +244,14 @@ if triton is not None:
         _run(backward_launches(grad.contiguous(), v, prob, grad_v, grad_logits, scale_tensor(scale, v),
                                kernel_size, stride, padding), v.device)
         return grad_v, grad_logits
+
+    @_outlook_attention.register_fake
+    def _(v, logits, kernel_size, stride, padding, scale):
+        return torch.empty_like(v), torch.empty_like(logits)
+
+    @_outlook_attention_backward.register_fake
+    def _(grad, v, prob, kernel_size, stride, padding, scale):
+        return torch.empty_like(v), torch.empty_like(prob)
 
     def _setup_context(ctx, inputs, output):
         v, _, kernel_size, stride, padding, scale = inputs

@@ -183,6 +183,17 @@ class OutlookAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
 
+    def _pool(self, x):
+        H, W = x.shape[-2:]
+        s = self.stride
+        if H % s == 0 and W % s == 0:
+            return self.pool(x)
+        # ceil-mode windows past the edge average their in-map cells. Pooled explicitly here:
+        # inductor's avg_pool2d backward divides them by s*s (pytorch/pytorch#198119)
+        pad = (0, -W % s, 0, -H % s)
+        inside = F.avg_pool2d(F.pad(x.new_ones(1, 1, H, W), pad), s, s)
+        return F.avg_pool2d(F.pad(x, pad), s, s) / inside
+
     def _fused(self, x):
         if self.outlook_impl == 'torch' or _exporting():
             return False
@@ -204,7 +215,7 @@ class OutlookAttention(nn.Module):
                 f'{(W + 2 * p - k) // s + 1} windows and {h}x{w} cells')
 
         v = self.v(x)
-        attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        attn = self._pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         attn = self.attn(attn).reshape(B, h, w, self.num_heads, k * k, k * k)
         if self._fused(x):
             from .outlook_triton import outlook_attention_fused
