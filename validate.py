@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import models  # noqa: F401  (registers this repo's models with timm)
 from data import DataError, create_eval_loader, find_split
-from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights
+from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_state_dict
 from utils.evaluation import evaluate
 
 _logger = logging.getLogger('validate')
@@ -83,7 +83,8 @@ def autocast_for(args):
 def validate_one(args, checkpoint, root):
     num_classes = args.num_classes
     if checkpoint:
-        found = checkpoint_num_classes(checkpoint, use_ema=args.use_ema)
+        path, state_dict = read_state_dict(checkpoint, use_ema=args.use_ema)
+        found = checkpoint_num_classes(state_dict)
         if num_classes is not None and found is not None and found != num_classes:
             raise CheckpointError(f'{checkpoint} has a {found}-class head but --num-classes is {num_classes}')
         num_classes = found if num_classes is None else num_classes
@@ -95,7 +96,8 @@ def validate_one(args, checkpoint, root):
     except (ValueError, TypeError) as e:
         raise CheckpointError(f'cannot build --model {args.model} with {kwargs}: {e}') from None
     if checkpoint:
-        load_pretrained_weights(model, checkpoint, use_ema=args.use_ema, strict=True)
+        load_pretrained_weights(model, path, strict=True, state_dict=state_dict)
+        del state_dict
     data_config = resolve_data_config(vars(args), model=model)
     model = model.to(args.device).eval()
     if args.channels_last:

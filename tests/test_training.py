@@ -14,6 +14,7 @@ import yaml
 
 import main as train_script
 import models
+import utils.checkpoint
 import validate as validate_script
 from data.synthetic import make_shapes_dataset
 from utils import load_pretrained_weights, safe_load
@@ -195,12 +196,16 @@ def _direct_metrics(model, folder, img_size, crop_pct):
                 loss=torch.nn.functional.cross_entropy(out, ys).item())
 
 
-def test_validate_matches_direct_computation(shapes, tmp_path):
+def test_validate_matches_direct_computation(shapes, tmp_path, monkeypatch):
     run = _run(shapes, tmp_path, '--epochs', '1', '--img-size', '64', *_token_args(shapes, 4))
     ckpt = os.path.join(run, 'last.pth.tar')
     results = tmp_path / 'r.json'
+    reads, real_load = [], utils.checkpoint.safe_load
+    monkeypatch.setattr(utils.checkpoint, 'safe_load', lambda path: reads.append(path) or real_load(path))
     validate_script.main([shapes, '--model', 'volo_d1', '--checkpoint', ckpt, '--img-size', '64', '-b', '5', '-j', '0',
                           '--results-file', str(results)])
+    assert reads == [ckpt]  # the head size and the weights from one read of the file
+    monkeypatch.undo()
     got = json.loads(results.read_text())
     model = models.volo_d1(img_size=64, num_classes=3)
     load_pretrained_weights(model, ckpt)

@@ -4,7 +4,7 @@ import collections
 import logging
 import os
 import pickle
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -133,15 +133,25 @@ def describe_variant(shapes: Dict[str, tuple]) -> str:
     return f'an unknown VOLO layout (stem {sig[0]}, dims {sig[1]}/{sig[2]}, blocks {sig[3]})'
 
 
+def read_state_dict(checkpoint_path: str, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """(resolved file path, model state dict) of a checkpoint file or run directory."""
+    path = resolve_checkpoint_path(checkpoint_path)
+    return path, extract_state_dict(safe_load(path), use_ema=use_ema, path=path)
+
+
 def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, strict: bool = True,
-                            num_classes: Optional[int] = None):
+                            num_classes: Optional[int] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None):
     """Load a release or training checkpoint into `model`.
 
     pos_embed is resized to the model's grid; when the class count differs (num_classes, default the
-    model's), the classifier heads are left as initialised. Returns torch's (missing, unexpected) keys.
+    model's), the classifier heads are left as initialised. `state_dict`: the checkpoint's, already
+    read by read_state_dict, so that a large file is not read twice. Returns torch's (missing,
+    unexpected) keys.
     """
-    path = resolve_checkpoint_path(checkpoint_path)
-    state_dict = extract_state_dict(safe_load(path), use_ema=use_ema, path=path)
+    if state_dict is None:
+        path, state_dict = read_state_dict(checkpoint_path, use_ema=use_ema)
+    else:
+        path, state_dict = checkpoint_path, dict(state_dict)
     model_state = model.state_dict()
     model_classes = getattr(model, 'num_classes', None)
     if num_classes is not None and model_classes is not None and num_classes != model_classes:
@@ -195,9 +205,8 @@ def _heads_of(model_state, dropped):
     return {k for k in model_state if any(k.startswith(p) for p in prefixes)}
 
 
-def checkpoint_num_classes(path: str, use_ema: bool = False) -> Optional[int]:
-    """Class count of a checkpoint's classifier head, or None when it has none."""
-    state_dict = extract_state_dict(safe_load(path), use_ema=use_ema, path=path)
+def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Class count of a checkpoint state dict's classifier head, or None when it has none."""
     head = state_dict.get('head.weight')
     return None if head is None else int(head.shape[0])
 
