@@ -230,7 +230,7 @@ if triton is not None:
     def _outlook_attention(v: torch.Tensor, logits: torch.Tensor, kernel_size: int, stride: int,
                            padding: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty_like(v)
-        prob = torch.empty_like(logits)
+        prob = torch.empty_like(logits)  # rows of query places in the padding stay unwritten and unread
         _run(forward_launches(v, logits, out, prob, scale_tensor(scale, v), kernel_size, stride, padding),
              v.device)
         return out, prob
