@@ -139,7 +139,7 @@ def outlook_fold(y, height, width, kernel_size, stride, padding):
 def outlook_aggregate(v, attn, kernel_size, stride, padding):
     """fold(attn @ unfold(v)) for values v (B, H, W, C) and window attention probabilities
     attn (B, h, w, heads, k*k, k*k): (B, H, W, C)."""
-    B, H, W, C = v.shape
+    H, W = v.shape[1:3]
     k = kernel_size
     h, w, heads = attn.shape[1:4]
     v = outlook_unfold(v, heads, k, stride, padding, h, w)  # B,h,w,heads,kk,d

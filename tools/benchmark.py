@@ -113,10 +113,11 @@ def build_pair(args):
     return ours, ref
 
 
-def make_input(args, device):
+def make_input(args, device, batch_size=None):
+    batch_size = batch_size or args.batch_size
     if args.op == 'outlook_attention':
-        return torch.randn(args.batch_size, args.img_size // 8, args.img_size // 8, 192, device=device)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+        return torch.randn(batch_size, args.img_size // 8, args.img_size // 8, 192, device=device)
+    x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=device)
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
@@ -186,7 +187,7 @@ def forward_flops(model, args):
     for m in twin.modules():
         if hasattr(m, 'outlook_impl'):
             m.outlook_impl = 'torch'
-    x = make_input(argparse.Namespace(**{**vars(args), 'batch_size': 1, 'channels_last': False}), 'meta')
+    x = make_input(args, 'meta', batch_size=1)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         twin(x)
     return counter.get_total_flops()
