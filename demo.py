@@ -28,9 +28,9 @@ def main(argv=None):
     if args.epochs is not None:
         train_args += ['--epochs', str(args.epochs)]
     run_dir = train_script.main(train_args)
-    rows = validate_script.main([args.data, '--model', 'volo_d1', '--img-size', '64', '--crop-pct', '1.0',
-                                 '--checkpoint', os.path.join(run_dir, 'model_best.pth.tar'), '-b', '64', '-j', '2',
-                                 '--results-file', os.path.join(run_dir, 'validation.json')])
+    # the checkpoint supplies its model, image size, class count and crop
+    rows = validate_script.main([args.data, '--checkpoint', os.path.join(run_dir, 'model_best.pth.tar'),
+                                 '-b', '64', '-j', '2', '--results-file', os.path.join(run_dir, 'validation.json')])
     print(f'\nDemo done: {run_dir}\n  best checkpoint top-1 {rows[0]["top1"]:.1f}% on 4 classes '
           f'(chance 25%); curves: python tools/plot_summary.py {run_dir}')
     return rows[0]

@@ -18,8 +18,10 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import Callable, Optional
 
 import numpy as np
 import timm
@@ -31,16 +33,18 @@ from torchvision.datasets.folder import find_classes
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import (CheckpointSaver, ModelEmaV2, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir,
-                        setup_default_logging, update_summary)
+from timm.utils import ModelEmaV2, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir
 
 import models  # noqa: F401  (registers this repo's models with timm)
 from data import (DataError, DatasetTokenLabel, TokenLabelMixup, create_eval_loader, create_token_label_loader,
                   create_token_label_target, create_train_loader, find_split)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
-from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint
+from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint, safe_load
+from utils.checkpoint_saver import CheckpointSaver
 from utils.evaluation import evaluate
+from utils.log import log_to_file, setup_logging
+from utils.summary import append_summary, truncate_summary
 
 _logger = logging.getLogger('train')
 
@@ -62,7 +66,8 @@ def get_parsers():
                    help='YAML file of argument defaults; the command line overrides it')
     # dataset / model
     p.add_argument('data_dir', metavar='DIR', help='dataset root with train/ and val/ class folders')
-    p.add_argument('--dataset', '-d', metavar='NAME', default='', help="dataset type ('' = image folder)")
+    p.add_argument('--dataset', '-d', metavar='NAME', default='', choices=['', 'folder'],
+                   help="dataset type: '' or 'folder', class folders under DIR/<split>")
     p.add_argument('--train-split', default='train')
     p.add_argument('--val-split', default='validation', help='validation split (val/ is used if validation/ is absent)')
     p.add_argument('--model', default='volo_d1', type=str)
@@ -129,8 +134,8 @@ def get_parsers():
     p.add_argument('--drop', type=float, default=0.0)
     p.add_argument('--drop-path', type=float, default=None)
     # batch norm
-    p.add_argument('--bn-momentum', type=float, default=None)
-    p.add_argument('--bn-eps', type=float, default=None)
+    p.add_argument('--bn-momentum', type=float, default=None, help="every BatchNorm's momentum (default: the model's)")
+    p.add_argument('--bn-eps', type=float, default=None, help="every BatchNorm's eps (default: the model's)")
     p.add_argument('--sync-bn', action='store_true')
     p.add_argument('--dist-bn', type=str, default='', help="'broadcast', 'reduce' or ''")
     # EMA
@@ -188,25 +193,39 @@ def parse_args(argv=None):
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
+@dataclass
+class Setup:
+    """What main() resolves once from the arguments and the environment; the functions below take
+    it instead of re-deriving settings from args (args stays what the user asked for)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+    token_label_maps: bool = False  # dense token labels read from --token-label-data
+    autocast: Callable = nullcontext
+    loss_scaler: Optional[NativeScaler] = None
+    amp: Optional[str] = None       # 'apex', 'native' or None
+
+
 def setup_distributed(args):
     """torchrun's env:// rendezvous when WORLD_SIZE > 1: NCCL on GPUs, gloo on CPUs."""
-    args.world_size = int(os.environ.get('WORLD_SIZE', 1))
-    args.rank = int(os.environ.get('RANK', 0))
-    args.local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
-    args.distributed = args.world_size > 1
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
     use_cuda = torch.cuda.is_available() if args.device is None else args.device.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError('--device cuda was asked for but no CUDA device is available')
     if use_cuda:
-        args.device = f'cuda:{args.local_rank}'
-        torch.cuda.set_device(args.local_rank)
+        device = torch.device(f'cuda:{local_rank}')
+        torch.cuda.set_device(local_rank)
     else:
-        args.device = 'cpu'
-    if args.distributed:
+        device = torch.device('cpu')
+    if world_size > 1:
         dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method='env://')
-        args.world_size, args.rank = dist.get_world_size(), dist.get_rank()
-        _logger.info('Process %d of %d on %s', args.rank, args.world_size, args.device)
-    return torch.device(args.device)
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        _logger.info('Process %d of %d on %s', rank, world_size, device)
+    return Setup(device=device, rank=rank, world_size=world_size, distributed=world_size > 1,
+                 token_label_maps=bool(args.token_label and args.token_label_data))
 
 
 def resolve_amp(args, device):
@@ -240,7 +259,7 @@ def token_grid(model):
 
 def build_model(args):
     kwargs = dict(pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
+                  drop_path_rate=args.drop_path)
     if args.img_size is not None or args.input_size is not None:
         kwargs['img_size'] = args.img_size or args.input_size[-1]
     try:
@@ -257,15 +276,26 @@ def build_model(args):
         raise
     except (ValueError, TypeError) as e:
         raise UsageError(f'--model {args.model} with {kwargs}: {e}') from None
+    set_batchnorm(model, momentum=args.bn_momentum, eps=args.bn_eps)
     if args.initial_checkpoint:
         load_pretrained_weights(model, args.initial_checkpoint, strict=True)
-    if args.finetune:
-        load_pretrained_weights(model, args.finetune, use_ema=args.model_ema, strict=True)
-    args.num_classes = model.num_classes
+    if args.finetune:  # a new class count starts fresh heads
+        load_pretrained_weights(model, args.finetune, use_ema=args.model_ema, strict=True,
+                                num_classes=model.num_classes)
     return model
 
 
-def check_token_labels(args, model):
+def set_batchnorm(model, momentum=None, eps=None):
+    """--bn-momentum / --bn-eps: set on every BatchNorm layer of the model."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if momentum is not None:
+                m.momentum = momentum
+            if eps is not None:
+                m.eps = eps
+
+
+def check_token_labels(args, model, setup):
     """Token-label settings that cannot work are errors now, not after the first batch."""
     if not args.token_label:
         if args.token_label_data:
@@ -274,18 +304,18 @@ def check_token_labels(args, model):
     if not has_dense_head(model):
         raise UsageError(f'--token-label needs a model with a dense (token) head such as VOLO; '
                          f'{args.model} has none. Drop --token-label to train it with plain or mixup targets')
-    if args.token_label_data and args.aa and not args.aa.startswith('rand'):
+    if setup.token_label_maps and args.aa and not args.aa.startswith('rand'):
         raise UsageError(f'--aa {args.aa}: token-label maps follow RandAugment ("rand-...") only')
     grid = token_grid(model)
-    if args.token_label_data and args.token_label_size != 1 and grid is not None:
+    if setup.token_label_maps and args.token_label_size != 1 and grid is not None:
         if grid[0] != grid[1] or args.token_label_size != grid[0]:
             raise UsageError(
                 f'--token-label-size {args.token_label_size} does not match {args.model} at {args.img_size} px: '
                 f'its token grid is {grid[0]}x{grid[1]}; use --token-label-size {grid[0]}')
 
 
-def build_train_loss(args, model):
-    if args.token_label and args.token_label_data and args.token_label_size == 1:
+def build_train_loss(args, model, setup):
+    if setup.token_label_maps and args.token_label_size == 1:
         return TokenLabelSoftTargetCrossEntropy()
     if has_dense_head(model):
         # token labels, or plain / mixup targets copied to every token
@@ -295,16 +325,16 @@ def build_train_loss(args, model):
     return SoftTargetCrossEntropy()
 
 
-def build_mixup(args):
+def build_mixup(args, setup):
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                       switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                       num_classes=args.num_classes)
-    if args.token_label and args.token_label_data:
+    if setup.token_label_maps:
         if args.cutmix_minmax is not None:
             raise UsageError('--cutmix-minmax is not supported with token labels')
-        return TokenLabelMixup(label_size=args.token_label_size, seed=args.seed + args.rank, **mixup_args)
+        return TokenLabelMixup(label_size=args.token_label_size, seed=args.seed + setup.rank, **mixup_args)
     return Mixup(cutmix_minmax=args.cutmix_minmax, **mixup_args)
 
 
@@ -322,17 +352,17 @@ def resolve_classes(args):
     return train_root, eval_root
 
 
-def build_loaders(args, data_config, device, train_root, eval_root):
+def build_loaders(args, setup, data_config, train_root, eval_root):
     interpolation = args.train_interpolation or data_config['interpolation']
-    common = dict(num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                  mean=data_config['mean'], std=data_config['std'])
+    common = dict(num_workers=args.workers, distributed=setup.distributed, pin_memory=args.pin_mem,
+                  device=setup.device, mean=data_config['mean'], std=data_config['std'])
     img_size = data_config['input_size'][-1]
     augment = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
                    auto_augment=args.aa or None, interpolation=interpolation, re_prob=args.reprob,
                    re_mode=args.remode, re_count=args.recount, seed=args.seed)
     if args.no_aug:
         augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None, re_prob=0.)
-    if args.token_label and args.token_label_data:
+    if setup.token_label_maps:
         dataset = DatasetTokenLabel(train_root, args.token_label_data)
         train = create_token_label_loader(dataset, img_size, args.batch_size, aa_after_crop=args.aa_after_crop,
                                           **augment, **common)
@@ -350,33 +380,11 @@ def find_latest_checkpoint(output_root):
     return max(candidates, key=os.path.getmtime) if candidates else ''
 
 
-def truncate_summary(path, start_epoch):
-    """Drop summary rows of epochs that a resumed run trains again."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = lines[:1] + [line for line in lines[1:] if int(line.split(',', 1)[0]) < start_epoch]
-    with open(path, 'w') as f:
-        f.writelines(kept)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's saver, with every file first written under a '.partial' name and renamed when
-    complete: a crash while saving leaves no truncated checkpoint behind."""
-
-    def _save(self, save_path, epoch, metric=None):
-        partial_path = save_path + '.partial'
-        super()._save(partial_path, epoch, metric)
-        os.replace(partial_path, save_path)
-
-
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler, autocast, loss_scaler,
-                    model_ema, mixup_fn, saver):
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_scheduler, model_ema, mixup_fn,
+                    saver):
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn = None
     model.train()
-    token_labels = args.token_label and args.token_label_data
     loss_sum, seen = 0., 0
     batch_time = data_time = 0.
     num_updates = epoch * len(loader)
@@ -385,7 +393,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler
         data_time = time.perf_counter() - end
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
-        elif token_labels:
+        elif setup.token_label_maps:
             target = create_token_label_target(target, num_classes=args.num_classes, smoothing=args.smoothing,
                                                label_size=args.token_label_size)
         else:
@@ -393,22 +401,22 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        with autocast():
+        with setup.autocast():
             output = model(images)
             loss = loss_fn(output, target)
         finite = torch.isfinite(loss.detach()).float()
-        if args.distributed:
+        if setup.distributed:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
             raise NonFiniteLoss(f'non-finite loss ({loss.item()}) at epoch {epoch}, step {batch_idx}: stopping. '
                                 f'Checkpoints of completed epochs are left as they were.')
 
         optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=model.parameters())
+        if setup.loss_scaler is not None:
+            setup.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                              parameters=model.parameters())
         else:
-            if args.apex_amp_active:
+            if setup.amp == 'apex':
                 from apex import amp as apex_amp
                 with apex_amp.scale_loss(loss, optimizer) as scaled_loss:
                     scaled_loss.backward()
@@ -425,11 +433,11 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler
         num_updates += 1
         batch_time = time.perf_counter() - end
         last = batch_idx == len(loader) - 1
-        if args.rank == 0 and (last or batch_idx % args.log_interval == 0):
-            lr = np.mean([group['lr'] for group in optimizer.param_groups])
+        if setup.rank == 0 and (last or batch_idx % args.log_interval == 0):
             _logger.info('Train: %d [%4d/%d (%3.0f%%)]  Loss: %.4f (%.4f)  %.1f img/s  LR: %.3e  Data: %.3fs',
                          epoch, batch_idx, len(loader), 100. * batch_idx / max(len(loader) - 1, 1), loss.item(),
-                         loss_sum / seen, images.shape[0] * args.world_size / batch_time, lr, data_time)
+                         loss_sum / seen, images.shape[0] * setup.world_size / batch_time, current_lr(optimizer),
+                         data_time)
         if saver is not None and args.recovery_interval and (last or (batch_idx + 1) % args.recovery_interval == 0):
             saver.save_recovery(epoch, batch_idx=batch_idx)
         if lr_scheduler is not None:
@@ -438,18 +446,22 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, lr_scheduler
 
     totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64,
                           device=next(model.parameters()).device)
-    if args.distributed:
+    if setup.distributed:
         dist.all_reduce(totals)
     return OrderedDict(loss=(totals[0] / totals[1]).item())
 
 
+def current_lr(optimizer):
+    return float(np.mean([group['lr'] for group in optimizer.param_groups]))
+
+
 def main(argv=None):
-    setup_default_logging()
-    args, args_text = parse_args(argv)
-    device = setup_distributed(args)
-    random.seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    torch.manual_seed(args.seed + args.rank)
+    setup_logging()
+    args, _ = parse_args(argv)
+    setup = setup_distributed(args)
+    random.seed(args.seed + setup.rank)
+    np.random.seed(args.seed + setup.rank)
+    torch.manual_seed(args.seed + setup.rank)
 
     if args.resume == 'auto':
         args.resume = find_latest_checkpoint(args.output or './output')
@@ -458,40 +470,42 @@ def main(argv=None):
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
-    check_token_labels(args, model)
-    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
-    loader_train, loader_eval = build_loaders(args, data_config, device, train_root, eval_root)
-    if args.rank == 0:
+    check_token_labels(args, model, setup)
+    data_config = resolve_data_config(vars(args), model=model, verbose=setup.rank == 0)
+    loader_train, loader_eval = build_loaders(args, setup, data_config, train_root, eval_root)
+    if setup.rank == 0:
         _logger.info('Model %s: %d parameters, input %s', args.model,
                      sum(p.numel() for p in model.parameters()), data_config['input_size'])
 
-    model.to(device)
+    model.to(setup.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
+    if setup.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **({'eps': args.opt_eps} if args.opt_eps else {}),
                                     **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
-    autocast, loss_scaler, amp_mode = resolve_amp(args, device)
-    args.apex_amp_active = amp_mode == 'apex'
-    if args.apex_amp_active:
+    setup.autocast, setup.loss_scaler, setup.amp = resolve_amp(args, setup.device)
+    if setup.amp == 'apex':
         from apex import amp as apex_amp
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
-    if args.rank == 0:
-        _logger.info('Mixed precision: %s', amp_mode or 'off (float32)')
+    if setup.rank == 0:
+        _logger.info('Mixed precision: %s', setup.amp or 'off (float32)')
 
-    resume_epoch = None
+    resume_epoch, resumed = None, None
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
     if args.resume:
         resume_path = resolve_checkpoint_path(args.resume)
+        resumed = safe_load(resume_path)
         resume_epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
-                                         loss_scaler=None if args.no_resume_opt else loss_scaler, model_ema=model_ema)
+                                         loss_scaler=None if args.no_resume_opt else setup.loss_scaler,
+                                         model_ema=model_ema, checkpoint=resumed)
         _logger.info('Resumed %s: continuing at epoch %d', resume_path, resume_epoch)
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if setup.distributed:
+        device_ids = [setup.device.index] if setup.device.type == 'cuda' else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -503,55 +517,61 @@ def main(argv=None):
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
 
-    train_loss_fn = build_train_loss(args, model.module if args.distributed else model)
-    mixup_fn = build_mixup(args)
+    train_loss_fn = build_train_loss(args, model.module if setup.distributed else model, setup)
+    mixup_fn = build_mixup(args, setup)
 
     saver, output_dir = None, ''
-    if args.rank == 0:
+    if setup.rank == 0:
         if args.resume and os.path.isfile(os.path.join(os.path.dirname(resume_path), 'args.yaml')):
             output_dir = os.path.dirname(resume_path)
         else:
             exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model,
                                  str(data_config['input_size'][-1])])
             output_dir = get_outdir(args.output or './output', 'train', exp_name, inc=True)
+        log_to_file(os.path.join(output_dir, 'train.log'))
         for stale in glob.glob(os.path.join(output_dir, '*.partial')):
             os.remove(stale)
-        saver = AtomicCheckpointSaver(model=model, optimizer=optimizer, args=argparse.Namespace(**{
-            k: v for k, v in vars(args).items() if k != 'apex_amp_active'}), model_ema=model_ema,
-            amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-            decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+        saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**vars(args)), checkpoint_dir=output_dir,
+                                model_ema=model_ema, amp_scaler=setup.loss_scaler,
+                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
         if args.resume and output_dir == os.path.dirname(resume_path):
-            saver.load_state_dict_from_checkpoint(resume_path)
+            saver.restore(resumed)
             truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:  # resolved class count and image size
+            f.write(yaml.safe_dump(vars(args), default_flow_style=False))
         _logger.info('Output: %s; scheduled epochs: %d', output_dir, num_epochs)
+    del resumed
 
-    best_metric, best_epoch = saver.best_metric if saver else None, saver.best_epoch if saver else None
+    best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     for epoch in range(start_epoch, num_epochs):
-        if args.distributed:
+        epoch_start = time.perf_counter()
+        if setup.distributed:
             loader_train.sampler.set_epoch(epoch)
             indices = list(iter(loader_train.sampler))
-            _logger.info('Rank %d: epoch %d, %d training samples, first %s', args.rank, epoch, len(indices),
+            _logger.info('Rank %d: epoch %d, %d training samples, first %s', setup.rank, epoch, len(indices),
                          indices[:6])
-        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, lr_scheduler,
-                                        autocast, loss_scaler, model_ema, mixup_fn, saver)
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = evaluate(model, loader_eval, autocast, args.channels_last, args.log_interval)
+        lr = current_lr(optimizer)
+        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, setup,
+                                        lr_scheduler, model_ema, mixup_fn, saver)
+        if setup.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, setup.world_size, args.dist_bn == 'reduce')
+        eval_metrics = evaluate(model, loader_eval, setup.autocast, args.channels_last, args.log_interval)
         if model_ema is not None and not args.model_ema_force_cpu:
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
-            eval_metrics = evaluate(model_ema.module, loader_eval, autocast, args.channels_last,
+            if setup.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(model_ema, setup.world_size, args.dist_bn == 'reduce')
+            eval_metrics = evaluate(model_ema.module, loader_eval, setup.autocast, args.channels_last,
                                     args.log_interval, log_suffix=' (EMA)')
         eval_metrics.pop('images_per_s')
         lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         if saver is not None:
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'))
+            row = OrderedDict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+                              **{f'eval_{k}': v for k, v in eval_metrics.items()},
+                              lr=lr, epoch_time=round(time.perf_counter() - epoch_start, 3))
+            append_summary(os.path.join(output_dir, 'summary.csv'), row)
     if best_metric is not None:
         _logger.info('*** Best metric: %s (epoch %s)', best_metric, best_epoch)
-    if args.distributed:
+    if setup.distributed:
         dist.destroy_process_group()
     return output_dir
 

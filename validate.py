@@ -3,11 +3,13 @@
 
     python validate.py /path/to/imagenet --model volo_d1 --checkpoint d1_224_84.2.pth.tar --img-size 224 -b 128
     python validate.py /path/to/imagenet --model volo_d5 --checkpoint d5_512_87.07.pth.tar --img-size 512 -b 32
-    python validate.py /path/to/imagenet --model volo_d1 --checkpoint output/train/RUN/ --results-file runs.csv
+    python validate.py /path/to/imagenet --checkpoint output/train/RUN/ --results-file runs.csv
 
 DATA is the dataset root (its val/ or validation/ folder is used) or the split folder itself. A
 checkpoint trained at another resolution is evaluated with its position embedding interpolated.
-With a directory of checkpoints, each is evaluated and a CSV sorted by top-1 is written.
+A training checkpoint (or run directory) supplies its own model, image size, class count and crop
+unless the command line gives them. With a directory of checkpoints, each is evaluated and a CSV
+sorted by top-1 is written; a run directory also gets validate.log.
 """
 import argparse
 import csv
@@ -22,13 +24,14 @@ from functools import partial
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.utils import setup_default_logging
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import models  # noqa: F401  (registers this repo's models with timm)
 from data import DataError, create_eval_loader, find_split
-from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_state_dict
+from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_checkpoint
 from utils.evaluation import evaluate
+from utils.log import log_to_file, setup_logging
 
 _logger = logging.getLogger('validate')
 
@@ -37,11 +40,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DIR', help='dataset root (with val/ or validation/) or the split folder')
     p.add_argument('--split', default='val', help='split folder inside DIR (validation/ also accepted)')
-    p.add_argument('--model', '-m', default='volo_d1')
+    p.add_argument('--model', '-m', default=None, help="default: the checkpoint's training model, else volo_d1")
     p.add_argument('--checkpoint', default='', help='checkpoint file, or a directory: evaluate each checkpoint in it')
     p.add_argument('--pretrained', action='store_true', help="the model's released weights (no --checkpoint)")
-    p.add_argument('--img-size', type=int, default=None, help='evaluation resolution (default: the model\'s)')
-    p.add_argument('--crop-pct', type=float, default=None, help='default: the model config\'s for this resolution')
+    p.add_argument('--img-size', type=int, default=None,
+                   help="evaluation resolution (default: the checkpoint's training size, else the model's)")
+    p.add_argument('--crop-pct', type=float, default=None,
+                   help="default: the checkpoint's training crop, else the model config's for this resolution")
     p.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s, bicubic)')
     p.add_argument('--mean', type=float, nargs='+', default=None)
     p.add_argument('--std', type=float, nargs='+', default=None)
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument('--no-test-pool', action='store_true',
                    help='accepted for the original command lines; no test-time pooling is ever applied')
     p.add_argument('--results-file', default='', help='write results here: .csv or .json')
+    p.add_argument('--log-file', default='',
+                   help="append the log here (default: validate.log in the checkpoint's run directory)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--pin-mem', action='store_true')
     return p.parse_args(argv)
@@ -80,25 +87,55 @@ def autocast_for(args):
     return partial(torch.autocast, device_type=device_type, dtype=dtype)
 
 
+# Settings a training checkpoint knows: (validate.py argument, training argument)
+FROM_TRAINING = (('model', 'model'), ('img_size', 'img_size'), ('num_classes', 'num_classes'), ('crop_pct', 'crop_pct'))
+
+
+def resolve_settings(args, train_args, head_classes, source):
+    """model, img_size, num_classes and crop_pct: the command line's, else the checkpoint's
+    training arguments (and head size), else the defaults. Says where each came from."""
+    train_args = dict(train_args or {})
+    if train_args.get('img_size') is None and train_args.get('input_size'):
+        train_args['img_size'] = train_args['input_size'][-1]
+    if head_classes is not None:
+        train_args['num_classes'] = head_classes
+    settings, taken, overridden = {}, [], []
+    for ours, theirs in FROM_TRAINING:
+        given, trained = getattr(args, ours), train_args.get(theirs)
+        settings[ours] = given if given is not None else trained
+        if given is None and trained is not None:
+            taken.append(f'{ours}={trained}')
+        elif given is not None and trained is not None and given != trained and ours != 'num_classes':
+            overridden.append(f'--{ours.replace("_", "-")} {given} (trained with {trained})')
+    if settings['num_classes'] is not None and args.num_classes is not None and head_classes is not None \
+            and args.num_classes != head_classes:
+        raise CheckpointError(f'{source} has a {head_classes}-class head but --num-classes is {args.num_classes}')
+    settings['model'] = settings['model'] or 'volo_d1'
+    if taken:
+        _logger.info('%s: %s from the checkpoint (give --model/--img-size/--num-classes/--crop-pct to override)',
+                     source, ', '.join(taken))
+    if overridden:
+        _logger.info('%s: the command line overrides the checkpoint: %s', source, '; '.join(overridden))
+    return settings
+
+
 def validate_one(args, checkpoint, root):
-    num_classes = args.num_classes
+    train_args, head_classes, contents = None, None, None
     if checkpoint:
-        path, state_dict = read_state_dict(checkpoint, use_ema=args.use_ema)
-        found = checkpoint_num_classes(state_dict)
-        if num_classes is not None and found is not None and found != num_classes:
-            raise CheckpointError(f'{checkpoint} has a {found}-class head but --num-classes is {num_classes}')
-        num_classes = found if num_classes is None else num_classes
-    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    if args.img_size is not None:
-        kwargs['img_size'] = args.img_size
+        contents = read_checkpoint(checkpoint, use_ema=args.use_ema)
+        train_args, head_classes = contents.train_args, checkpoint_num_classes(contents.state_dict)
+    settings = resolve_settings(args, train_args, head_classes, checkpoint or '--pretrained')
+    kwargs = {k: settings[k] for k in ('num_classes', 'img_size') if settings[k] is not None}
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained and not checkpoint, **kwargs)
+        model = timm.create_model(settings['model'], pretrained=args.pretrained and not checkpoint, **kwargs)
+    except RuntimeError as e:
+        raise CheckpointError(f'--model {settings["model"]}: {e}') from None
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f'cannot build --model {args.model} with {kwargs}: {e}') from None
+        raise CheckpointError(f'cannot build --model {settings["model"]} with {kwargs}: {e}') from None
     if checkpoint:
-        load_pretrained_weights(model, path, strict=True, state_dict=state_dict)
-        del state_dict
-    data_config = resolve_data_config(vars(args), model=model)
+        load_pretrained_weights(model, contents.path, strict=True, state_dict=contents.state_dict)
+        del contents
+    data_config = resolve_data_config(dict(vars(args), crop_pct=settings['crop_pct']), model=model)
     model = model.to(args.device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -106,12 +143,20 @@ def validate_one(args, checkpoint, root):
                                 interpolation=data_config['interpolation'], mean=data_config['mean'],
                                 std=data_config['std'], num_workers=args.workers, pin_memory=args.pin_mem,
                                 device=args.device)
-    metrics = evaluate(model, loader, autocast_for(args), args.channels_last, log_interval=0,
-                       progress=partial(tqdm, desc=os.path.basename(checkpoint) or args.model, unit='batch'))
-    return dict(model=args.model, checkpoint=checkpoint, top1=round(metrics['top1'], 4),
+    progress = partial(tqdm, desc=os.path.basename(checkpoint) or settings['model'], unit='batch',
+                       disable=None)  # no bar when the output is not a terminal
+    with logging_redirect_tqdm():
+        metrics = evaluate(model, loader, autocast_for(args), args.channels_last, log_interval=0, progress=progress)
+    return dict(model=settings['model'], checkpoint=checkpoint, top1=round(metrics['top1'], 4),
                 top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6), img_size=data_config['input_size'][-1],
                 crop_pct=data_config['crop_pct'], param_count=sum(p.numel() for p in model.parameters()),
                 images_per_s=round(metrics['images_per_s'], 2))
+
+
+def run_directory(checkpoint):
+    """The training run directory a checkpoint (file or directory) belongs to, or None."""
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or '.'
+    return folder if os.path.isfile(os.path.join(folder, 'args.yaml')) else None
 
 
 def write_results(rows, path):
@@ -127,8 +172,12 @@ def write_results(rows, path):
 
 
 def main(argv=None):
-    setup_default_logging()
+    setup_logging()
     args = parse_args(argv)
+    log_file = args.log_file or (args.checkpoint and run_directory(args.checkpoint) and
+                                 os.path.join(run_directory(args.checkpoint), 'validate.log'))
+    if log_file:
+        log_to_file(log_file)
     if args.results_file and not args.results_file.endswith(('.csv', '.json')):
         raise CheckpointError(f'--results-file {args.results_file}: use a .csv or .json name')
     root = find_split(args.data, args.split)
@@ -141,7 +190,7 @@ def main(argv=None):
         if args.results_file:
             write_results(rows, args.results_file)
     for r in rows:
-        print(f"{r['checkpoint'] or r['model']}: top1 {r['top1']:.3f}  top5 {r['top5']:.3f}  loss {r['loss']:.4f}  "
+        _logger.info(f"{r['checkpoint'] or r['model']}: top1 {r['top1']:.3f}  top5 {r['top5']:.3f}  loss {r['loss']:.4f}  "
               f"({r['img_size']} px, crop {r['crop_pct']}, {r['param_count']:,} params, {r['images_per_s']:.1f} img/s)")
     return rows
 

@@ -1,5 +1,5 @@
 """Datasets, transforms and loaders, token labeling included (tlt's public names)."""
-from . import augment_compat  # noqa: F401  (before any RandAugment is built)
+from .augment_compat import fix_posterize
 from .dataset import (DataError, DatasetTokenLabel, ImageFolderDataset, create_token_label_dataset, find_split,
                       label_path, load_label_map)
 from .loader import create_eval_loader, create_token_label_loader, create_train_loader, wrap_loader

@@ -2,21 +2,32 @@
 
 At magnitude 10 (reached by 'rand-m9-mstd0.5-inc1' whenever the sampled magnitude tops out),
 timm's PosterizeIncreasing keeps 0 bits. Pillow 12+ raises ValueError for that; earlier Pillow
-returned a black image, which is what the reference recipe trained with. The posterize ops are
-replaced in timm's op table by one that does the same, before any RandAugment is built.
+returned a black image, which is what the reference recipe trained with. `fix_posterize` is applied
+to each augmentation this repository builds (data/loader.py, data/transforms.py): the posterize
+ops of that transform get the old behaviour. timm itself is left untouched.
 """
 from PIL import Image
 from timm.data import auto_augment
-
-_timm_posterize = auto_augment.posterize
 
 
 def posterize(img, bits_to_keep, **kwargs):
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-    if auto_augment.NAME_TO_OP.get(_name) is _timm_posterize:
-        auto_augment.NAME_TO_OP[_name] = posterize
+def fix_posterize(transform):
+    """Give every timm posterize op inside `transform` (a RandAugment, AutoAugment or a Compose
+    holding one) the behaviour above; returns the transform."""
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, auto_augment.AugmentOp):
+            if t.aug_fn is auto_augment.posterize:
+                t.aug_fn = posterize
+            continue
+        for attr in ('transforms', 'ops', 'policy'):
+            children = getattr(t, attr, None)
+            if isinstance(children, (list, tuple)):
+                stack.extend(children)
+    return transform

@@ -9,6 +9,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.loader import PrefetchLoader, _worker_init
 
+from .augment_compat import fix_posterize
 from .dataset import ImageFolderDataset
 from .transforms import TokenLabelTrainTransform
 
@@ -68,9 +69,9 @@ def create_train_loader(root, img_size, batch_size, scale=(0.08, 1.0), ratio=(3.
                         re_count=1, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_workers=1,
                         distributed=False, pin_memory=False, persistent_workers=True, device=None, seed=0):
     """Plain-label training loader (timm's training transform) over an image folder."""
-    dataset = ImageFolderDataset(root, transform=create_transform(
+    dataset = ImageFolderDataset(root, transform=fix_posterize(create_transform(
         img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, color_jitter=color_jitter,
-        auto_augment=auto_augment or None, interpolation=interpolation, use_prefetcher=True))
+        auto_augment=auto_augment or None, interpolation=interpolation, use_prefetcher=True)))
     return wrap_loader(dataset, batch_size, is_training=True, device=device, num_workers=num_workers,
                        distributed=distributed, pin_memory=pin_memory, persistent_workers=persistent_workers,
                        mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count, seed=seed)

@@ -15,6 +15,8 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision.transforms import functional as TF
 
+from .augment_compat import fix_posterize
+
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel', 'TranslateYRel')
 
 
@@ -74,7 +76,7 @@ class LabelAwareRandAugment:
     """timm's RandAugment, drawing exactly as timm does, with its geometric ops replayed on the map."""
 
     def __init__(self, config_str, hparams, transforms=None):
-        self.rand_augment = rand_augment_transform(config_str, hparams, transforms=transforms)
+        self.rand_augment = fix_posterize(rand_augment_transform(config_str, hparams, transforms=transforms))
         self._applied = []
         for op in self.rand_augment.ops:
             op.aug_fn = self._recorder(op.name, op.aug_fn)

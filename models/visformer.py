@@ -229,29 +229,51 @@ VARIANTS = {
 }
 
 
+def checkpoint_variant(state_dict):
+    """The Visformer variant whose layout a state dict has (stem width, stage widths and depths)."""
+    if 'stem.0.weight' not in state_dict:
+        return None
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name, cfg in VARIANTS.items():
+        sids = range(cfg['first_stage'], cfg['first_stage'] + len(cfg['stage_dims']))
+        layout = all(shapes.get(f'patch_embed{sid}.proj.weight', (0,))[0] == dim and
+                     len({k.split('.')[1] for k in shapes if k.startswith(f'stage{sid}.')}) == depth
+                     for sid, dim, depth in zip(sids, cfg['stage_dims'], cfg['depths']))
+        if layout and shapes['stem.0.weight'][0] == cfg['init_channels']:
+            return name
+    return 'an unknown Visformer layout'
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """A checkpoint's state dict adapted to `model`: `module.` stripped, position embeddings
+    resized (bicubic) to the model's grids."""
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    for sid in model.stage_ids:
+        key = f'pos_embed{sid}'
+        theirs, ours = state_dict.get(key), getattr(model, key, None)
+        if theirs is not None and ours is not None and theirs.ndim == 4 and theirs.shape[:2] == ours.shape[:2] \
+                and theirs.shape != ours.shape:
+            state_dict[key] = F.interpolate(theirs.float(), size=ours.shape[2:], mode='bicubic',
+                                            align_corners=False).to(theirs.dtype)
+    return state_dict
+
+
 def _create(variant, pretrained=False, **kwargs):
     overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
     kwargs.pop('pretrained_cfg', None)
-    kwargs.pop('cache_dir', None)
+    cache_dir = kwargs.pop('cache_dir', None)
     model = Visformer(**{**VARIANTS[variant], **kwargs})
     img_size = kwargs.get('img_size', 224)
     cfg = _cfg(**{**_TIMM_WEIGHTS.get(variant, {}), **overlay})
     cfg['input_size'] = (3, img_size, img_size)
     model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
-        _load_release(model, variant, cfg)
+        # a local `file`, a `url` (cached by torch.hub) or timm's hub entry for v1
+        if not (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id')):
+            raise ValueError(f'{variant} has no released weights; train it with main.py')
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
+                        in_chans=kwargs.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     return model
-
-
-def _load_release(model, variant, cfg):
-    """Weights from a local `file`, a `url` (cached by torch.hub), or timm's hub entry for v1."""
-    from utils.checkpoint import fetch_release_file, load_pretrained_weights
-    if cfg.get('file') or cfg.get('url'):
-        load_pretrained_weights(model, fetch_release_file(cfg), strict=True)
-    elif cfg.get('hf_hub_id'):
-        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes)
-    else:
-        raise ValueError(f'{variant} has no released weights; train it with main.py')
 
 
 def _register(fn):

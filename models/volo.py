@@ -1,9 +1,7 @@
 """VOLO: Vision Outlooker for Visual Recognition (Yuan et al., arXiv 2106.13112).
 
 State-dict keys and shapes match the released checkpoints. Feature maps are channels-last
-(B, H, W, C) between blocks, as in the reference. Outlook attention gathers its windows with
-strided slices and scatters them back with strided adds instead of unfold/fold: the same
-function, cheaper on CPU and GPU, and exportable to ONNX without Col2Im.
+(B, H, W, C) between blocks, as in the reference. Outlook attention lives in layers/.
 """
 import math
 from typing import Tuple
@@ -14,217 +12,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from timm.models import load_pretrained, register_model
+
+from layers import OutlookAttention, exporting, needs_grad, resize_pos_embed
+from layers import OUTLOOK_IMPLS, outlook_aggregate  # noqa: F401  (their names in models.volo before layers/)
 
 __all__ = ['VOLO', 'volo_d1', 'volo_d2', 'volo_d3', 'volo_d4', 'volo_d5']
-
-
-def _exporting():
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
-
-
-def zero_pad_hw(x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Zero-pad H and W of a (B, H, W, C) map. When exporting, by concatenation: ONNX's converter has
-    no opset 18 -> 17 adapter for Pad, and the exporter only writes opset 18."""
-    if padding == 0:
-        return x
-    if not _exporting():
-        return F.pad(x, (0, 0, padding, padding, padding, padding))
-    B, H, W, C = x.shape
-    rows = x.new_zeros(B, padding, W, C)
-    x = torch.cat([rows, x, rows], dim=1)
-    cols = x.new_zeros(B, H + 2 * padding, padding, C)
-    return torch.cat([cols, x, cols], dim=2)
-
-
-def unfold_windows(v: torch.Tensor, num_heads: int, kernel_size: int, stride: int, padding: int,
-                   out_h: int, out_w: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B, out_h, out_w, heads, k*k, C/heads): the k x k window of every output cell."""
-    B, H, W, C = v.shape
-    k = kernel_size
-    v = zero_pad_hw(v, padding)
-    v = v.unfold(1, k, stride).unfold(2, k, stride)[:, :out_h, :out_w]  # B,h,w,C,k,k (a view)
-    v = v.unflatten(3, (num_heads, C // num_heads)).permute(0, 1, 2, 3, 5, 6, 4)
-    return v.reshape(B, out_h, out_w, num_heads, k * k, C // num_heads)
-
-
-def fold_windows(y: torch.Tensor, height: int, width: int, kernel_size: int, stride: int,
-                 padding: int) -> torch.Tensor:
-    """(B, h, w, heads, k*k, d) -> (B, H, W, heads*d): sum every window back onto the map."""
-    B, h, w, num_heads, _, head_dim = y.shape
-    k, s = kernel_size, stride
-    out = y.new_zeros(B, height + 2 * padding, width + 2 * padding, num_heads, head_dim)
-    span_h, span_w = s * (h - 1) + 1, s * (w - 1) + 1
-    for i in range(k):
-        for j in range(k):
-            out[:, i:i + span_h:s, j:j + span_w:s] += y[:, :, :, :, i * k + j]
-    out = out[:, padding:padding + height, padding:padding + width]
-    return out.reshape(B, height, width, num_heads * head_dim)
-
-
-class _UnfoldWindows(torch.autograd.Function):
-    """unfold_windows with its adjoint, fold_windows, as the backward."""
-
-    @staticmethod
-    def forward(ctx, v, num_heads, kernel_size, stride, padding, out_h, out_w):
-        ctx.geometry = (v.shape[1], v.shape[2], kernel_size, stride, padding)
-        return unfold_windows(v, num_heads, kernel_size, stride, padding, out_h, out_w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _FoldWindows.apply(grad, *ctx.geometry), None, None, None, None, None, None
-
-
-class _FoldWindows(torch.autograd.Function):
-    """fold_windows with its adjoint, unfold_windows, as the backward. Autograd through the
-    in-place strided adds would clone and zero the whole map once per window offset."""
-
-    @staticmethod
-    def forward(ctx, y, height, width, kernel_size, stride, padding):
-        ctx.geometry = (y.shape[3], kernel_size, stride, padding, y.shape[1], y.shape[2])
-        return fold_windows(y, height, width, kernel_size, stride, padding)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _UnfoldWindows.apply(grad, *ctx.geometry), None, None, None, None, None
-
-
-def softmax_small(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(x * scale) over a short last dimension (k*k = 9): on CPU, PyTorch's softmax kernel
-    is several times slower for such rows than these elementwise passes."""
-    e = torch.sub(x, x.amax(dim=-1, keepdim=True)).mul_(scale).exp_()  # scale > 0 keeps the argmax
-    return e.div_(e.sum(dim=-1, keepdim=True))
-
-
-class _SoftmaxSmall(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        y = softmax_small(x, scale)
-        ctx.save_for_backward(y)
-        ctx.scale = scale
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, = ctx.saved_tensors
-        grad_y = grad * y
-        dot = grad_y.sum(dim=-1, keepdim=True)
-        return grad_y.addcmul_(y, dot, value=-1.).mul_(ctx.scale), None
-
-
-def outlook_softmax(x, scale):
-    if x.is_cuda or _exporting():  # one Softmax node in exported graphs
-        return (x * scale).softmax(dim=-1)
-    if _needs_grad(x):
-        return _SoftmaxSmall.apply(x, scale)
-    return softmax_small(x, scale)
-
-
-def _needs_grad(t):
-    return torch.is_grad_enabled() and t.requires_grad
-
-
-def outlook_unfold(v, num_heads, kernel_size, stride, padding, out_h, out_w):
-    if _needs_grad(v):
-        return _UnfoldWindows.apply(v, num_heads, kernel_size, stride, padding, out_h, out_w)
-    return unfold_windows(v, num_heads, kernel_size, stride, padding, out_h, out_w)
-
-
-def outlook_fold(y, height, width, kernel_size, stride, padding):
-    if _needs_grad(y):
-        return _FoldWindows.apply(y, height, width, kernel_size, stride, padding)
-    return fold_windows(y, height, width, kernel_size, stride, padding)
-
-
-def outlook_aggregate(v, attn, kernel_size, stride, padding):
-    """fold(attn @ unfold(v)) for values v (B, H, W, C) and window attention probabilities
-    attn (B, h, w, heads, k*k, k*k): (B, H, W, C)."""
-    H, W = v.shape[1:3]
-    k = kernel_size
-    h, w, heads = attn.shape[1:4]
-    v = outlook_unfold(v, heads, k, stride, padding, h, w)  # B,h,w,heads,kk,d
-    # 3-D bmm: N-D matmul broadcasting is several times slower for these 9x9 @ 9xd products
-    x = torch.bmm(attn.reshape(-1, k * k, k * k), v.reshape(-1, k * k, v.shape[-1])).view(v.shape)
-    return outlook_fold(x, H, W, k, stride, padding)
-
-
-OUTLOOK_IMPLS = ('auto', 'triton', 'torch')
-
-
-class OutlookAttention(nn.Module):
-    """Each output cell predicts, from the pooled input, a k^2 x k^2 attention over its window.
-
-    outlook_impl: 'torch' strided window copies and adds (any device, exportable); 'triton' the fused
-    kernels of models/outlook_triton.py; 'auto' (default) Triton on CUDA when it is installed and
-    passes a one-time self-check on the device, else 'torch'. Exporting always takes 'torch'.
-    """
-
-    def __init__(self, dim, num_heads, kernel_size=3, padding=1, stride=1, qkv_bias=False,
-                 qk_scale=None, attn_drop=0., proj_drop=0., outlook_impl='auto'):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        if outlook_impl not in OUTLOOK_IMPLS:
-            raise ValueError(f'outlook_impl must be one of {OUTLOOK_IMPLS}, got {outlook_impl!r}')
-        if outlook_impl == 'triton' and attn_drop > 0:
-            raise ValueError("outlook_impl='triton' has no attention dropout; use attn_drop=0 or 'auto'")
-        head_dim = dim // num_heads
-        self.num_heads = num_heads
-        self.kernel_size = kernel_size
-        self.padding = padding
-        self.stride = stride
-        self.scale = qk_scale or head_dim ** -0.5
-        self.outlook_impl = outlook_impl
-
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn = nn.Linear(dim, kernel_size ** 4 * num_heads)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
-
-    def _pool(self, x):
-        H, W = x.shape[-2:]
-        s = self.stride
-        if H % s == 0 and W % s == 0:
-            return self.pool(x)
-        # ceil-mode windows past the edge average their in-map cells. Pooled explicitly here:
-        # inductor's avg_pool2d backward divides them by s*s (pytorch/pytorch#198119)
-        pad = (0, -W % s, 0, -H % s)
-        inside = F.avg_pool2d(F.pad(x.new_ones(1, 1, H, W), pad), s, s)
-        return F.avg_pool2d(F.pad(x, pad), s, s) / inside
-
-    def _fused(self, x):
-        if self.outlook_impl == 'torch' or _exporting():
-            return False
-        if self.outlook_impl == 'triton':
-            return True
-        if not x.is_cuda or (self.training and self.attn_drop.p > 0):
-            return False
-        from .outlook_triton import fused_kernels_work
-        return fused_kernels_work(x.device)
-
-    def forward(self, x):
-        B, H, W, C = x.shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        h, w = math.ceil(H / s), math.ceil(W / s)
-        if (H + 2 * p - k) // s + 1 != h or (W + 2 * p - k) // s + 1 != w:
-            raise ValueError(
-                f'OutlookAttention(kernel_size={k}, stride={s}, padding={p}) needs as many windows '
-                f'as pooled cells; a {H}x{W} map gives {(H + 2 * p - k) // s + 1}x'
-                f'{(W + 2 * p - k) // s + 1} windows and {h}x{w} cells')
-
-        v = self.v(x)
-        attn = self._pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        attn = self.attn(attn).reshape(B, h, w, self.num_heads, k * k, k * k)
-        if self._fused(x):
-            from .outlook_triton import outlook_attention_fused
-            x = outlook_attention_fused(v, attn, k, s, p, self.scale)
-        else:
-            attn = self.attn_drop(outlook_softmax(attn, self.scale))
-            x = outlook_aggregate(v, attn, k, s, p)
-        x = self.proj(x)
-        return self.proj_drop(x)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -261,7 +54,7 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        if _needs_grad(h) and not self.drop.p:
+        if needs_grad(h) and not self.drop.p:
             x = _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
         else:
             x = self.fc2(self.drop(self.act(h)))
@@ -567,7 +360,7 @@ class VOLO(nn.Module):
         if self.aux_head is not None:
             aux = self.aux_head(x[:, 1:])
             # TopK exports to ONNX opset 17; ReduceMax from the opset-18 exporter does not convert down
-            best = aux.topk(1, dim=1).values[:, 0] if _exporting() else aux.amax(dim=1)
+            best = aux.topk(1, dim=1).values[:, 0] if exporting() else aux.amax(dim=1)
             logits = logits + 0.5 * best
         return logits
 
@@ -663,10 +456,43 @@ def _resolve_cfg(variant, img_size, pretrained_cfg, overlay):
     return img_size, cfg
 
 
+def _volo_signature(shapes):
+    """(stem width, first dim, last dim, blocks per stage, MLP ratio) of a VOLO-like state dict."""
+    if 'patch_embed.conv.0.weight' not in shapes or 'network.0.0.norm1.weight' not in shapes:
+        return None
+    stages = tuple(len({k.split('.')[2] for k in shapes if k.startswith(f'network.{stage}.')
+                        and k.endswith('norm1.weight')}) for stage in (0, 2, 3, 4))
+    fc1 = shapes.get('network.0.0.mlp.fc1.weight', (0, 1))
+    return (shapes['patch_embed.conv.0.weight'][0], shapes['network.0.0.norm1.weight'][0],
+            shapes.get('norm.weight', (0,))[0], stages, fc1[0] // fc1[1])
+
+
+def checkpoint_variant(state_dict):
+    """The VOLO variant whose layout a state dict has, or a description of what it is."""
+    sig = _volo_signature({k: tuple(v.shape) for k, v in state_dict.items()})
+    if sig is None:
+        return None
+    for name, cfg in VARIANTS.items():
+        if sig == (cfg['stem_hidden_dim'], cfg['embed_dims'][0], cfg['embed_dims'][-1], tuple(cfg['layers']),
+                   cfg['mlp_ratios'][0]):
+            return name
+    return f'an unknown VOLO layout (stem {sig[0]}, dims {sig[1]}/{sig[2]}, blocks {sig[3]})'
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """A checkpoint's state dict adapted to `model`: `module.` stripped, pos_embed resized
+    (bicubic) to the model's token grid. Class-count handling is the loader's."""
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    theirs, ours = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
+    if theirs is not None and ours is not None and theirs.ndim == ours.ndim == 4 and theirs.shape[-1] == ours.shape[-1]:
+        state_dict['pos_embed'] = resize_pos_embed(theirs, ours.shape[1:3])
+    return state_dict
+
+
 def _create_volo(variant, pretrained=False, **kwargs):
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
-    kwargs.pop('cache_dir', None)
+    cache_dir = kwargs.pop('cache_dir', None)
     img_size, cfg = _resolve_cfg(variant, kwargs.pop('img_size', None), pretrained_cfg, overlay)
     model_args = dict(VARIANTS[variant], downsamples=(True, False, False, False),
                       outlook_attention=(True, False, False, False))
@@ -674,8 +500,9 @@ def _create_volo(variant, pretrained=False, **kwargs):
     model = VOLO(img_size=img_size, **model_args)
     model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
-        from utils.checkpoint import fetch_release_file, load_pretrained_weights
-        load_pretrained_weights(model, fetch_release_file(cfg), strict=True)
+        # timm's loader: a local `file`, or the `url` downloaded once into torch.hub's cache
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
+                        in_chans=model_args.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     return model
 
 

@@ -164,3 +164,33 @@ def test_truncated_file_is_a_clear_error(tmp_path, source):
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError, match='cannot read checkpoint'):
         safe_load(str(path))
+
+
+def test_other_class_count_with_strict_needs_num_classes(tmp_path, source, caplog):
+    """A 10-class file into a 3-class model: an error that says how to ask for fresh heads; with
+    num_classes=3 (or strict=False) everything else loads and the heads stay as initialised."""
+    path = tmp_path / 'ten.pth.tar'
+    torch.save(source.state_dict(), path)
+    model = models.volo_d1(img_size=64, num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained_weights(model, str(path))
+    msg = str(err.value)
+    assert '10-class classifier' in msg and 'num_classes=3' in msg and 'num_classes=10' in msg
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+    with caplog.at_level(logging.WARNING):
+        load_pretrained_weights(model, str(path), strict=False)
+    assert '10 classes in the checkpoint, 3 in the model' in caplog.text
+    _assert_loaded(model, source.state_dict(), skip=('head', 'aux_head'))
+    assert torch.equal(model.head.weight, before['head.weight'])
+
+
+def test_wrong_variant_message_does_not_mention_classes(tmp_path, caplog):
+    """d1 weights into d2 with the same class count: the head widths differ, the class counts do not."""
+    d1 = models.volo_d1(img_size=64, num_classes=4)
+    path = tmp_path / 'd1.pth.tar'
+    torch.save(d1.state_dict(), path)
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(CheckpointError, match='looks like volo_d1, but the model is volo_d2') as err:
+            load_pretrained_weights(models.volo_d2(img_size=64, num_classes=4), str(path))
+    assert 'class' not in caplog.text and 'class' not in str(err.value)

@@ -1,4 +1,4 @@
-"""The fused Triton outlook attention (models/outlook_triton.py), run in Triton's interpreter on CPU
+"""The fused Triton outlook attention (layers/outlook_triton.py), run in Triton's interpreter on CPU
 (tests/conftest.py sets TRITON_INTERPRET=1), against the unfold/fold reference and the PyTorch path."""
 import os
 import re
@@ -12,7 +12,8 @@ import torch
 pytest.importorskip('triton', reason='Triton ships with the Linux CUDA wheels of torch')
 
 import models  # noqa: E402
-from models import outlook_triton, volo  # noqa: E402
+from layers import outlook_attention, outlook_triton  # noqa: E402
+from models import volo  # noqa: E402
 from tests.reference_ops import assert_matches_reference, outlook_attention_reference  # noqa: E402
 
 
@@ -75,13 +76,15 @@ def test_whole_model_matches_the_pytorch_path():
 
 
 def _count_fused_calls(monkeypatch):
+    """Spy on the implementation the kernels registered with the picker."""
     calls = []
-    real = outlook_triton.outlook_attention_fused
+    real, works_on = outlook_attention._FUSED['triton']
+    assert real is outlook_triton.outlook_attention_fused
 
     def spy(*args):
         calls.append(args[0].shape)
         return real(*args)
-    monkeypatch.setattr(outlook_triton, 'outlook_attention_fused', spy)
+    monkeypatch.setitem(outlook_attention._FUSED, 'triton', (spy, works_on))
     return calls
 
 
@@ -150,10 +153,9 @@ def test_kernels_compile_for_real_gpus(arch, dtype):
     """The interpreter does not compile: build cubins for H100/H200 (sm_90) and A100 (sm_80) with
     Triton's own compiler and ptxas, which need no GPU."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools',
-                        'compile_outlook_kernels.py')
-    run = subprocess.run([sys.executable, tool, '--arch', str(arch), '--dtype', dtype, '-b', '8'],
-                         capture_output=True, text=True, env=env)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, '-m', 'tools.compile_outlook_kernels', '--arch', str(arch), '--dtype', dtype,
+                          '-b', '8'], capture_output=True, text=True, env=env, cwd=repo)
     assert run.returncode == 0, run.stderr
     reports = re.findall(r'^(fwd|bwd_logits|bwd_values) .* registers (\d+) .* spill stores (\d+) B', run.stdout, re.M)
     assert [name for name, _, _ in reports] == ['fwd', 'bwd_logits', 'bwd_values'], run.stdout

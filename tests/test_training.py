@@ -59,7 +59,10 @@ def test_token_label_training_writes_loadable_outputs(shapes, tmp_path):
     assert not [f for f in files if f.endswith('.partial')]
     rows = _summary(run)
     assert [r['epoch'] for r in rows] == ['0', '1']
-    assert set(rows[0]) >= {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5'}
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'epoch_time']
+    assert float(rows[0]['lr']) == pytest.approx(5e-4) and float(rows[1]['epoch_time']) > 0
+    log = open(os.path.join(run, 'train.log')).read()  # from the first line on, before the run folder existed
+    assert '3 classes in' in log and 'Train: 1 [' in log and 'Output: ' + run in log
     ckpt = safe_load(os.path.join(run, 'last.pth.tar'))
     assert ckpt['epoch'] == 1 and ckpt['args'].token_label_size == 2
     model = models.volo_d1(img_size=32, num_classes=3)
@@ -134,9 +137,8 @@ def test_atomic_checkpoint_survives_crash_during_save(shapes, tmp_path, monkeypa
     assert open(os.path.join(run, 'last.pth.tar'), 'rb').read() == before
     for path in glob.glob(os.path.join(run, '*.pth.tar')):
         safe_load(path)  # every checkpoint file is complete
-    assert glob.glob(os.path.join(run, '*.partial'))  # the half-written file kept its temporary name
+    assert not glob.glob(os.path.join(run, '*.partial'))  # the half-written file was removed
     _run(shapes, tmp_path, '--epochs', '2', '--resume', 'auto')
-    assert not glob.glob(os.path.join(run, '*.partial'))
     assert [r['epoch'] for r in _summary(run)] == ['0', '1']
 
 
@@ -225,6 +227,16 @@ def test_validate_matches_direct_computation(shapes, tmp_path, monkeypatch):
     assert got96['img_size'] == 96
     assert got96['loss'] == pytest.approx(_direct_metrics(model96, os.path.join(shapes, 'val'), 96, 1.0)['loss'],
                                           rel=1e-4)
+    # the run's own settings: model, 64 px, 3 classes, crop; said so in the output and in validate.log
+    rows = validate_script.main([shapes, '--checkpoint', ckpt, '-b', '5', '-j', '0'])
+    assert (rows[0]['model'], rows[0]['img_size'], rows[0]['crop_pct']) == ('volo_d1', 64, 0.96)
+    assert rows[0]['loss'] == pytest.approx(expected['loss'], rel=1e-4)
+    log = open(os.path.join(run, 'validate.log')).read()
+    assert 'model=volo_d1, img_size=64, num_classes=3 from the checkpoint' in log
+    rows = validate_script.main([shapes, '--checkpoint', ckpt, '--img-size', '96', '--crop-pct', '1.0', '-j', '0'])
+    assert rows[0]['loss'] == pytest.approx(got96['loss'], rel=1e-4)
+    assert 'the command line overrides the checkpoint: --img-size 96 (trained with 64)' in \
+        open(os.path.join(run, 'validate.log')).read()
     # directory mode: every checkpoint, sorted by top-1, as CSV
     validate_script.main([shapes, '--model', 'volo_d1', '--checkpoint', run, '--img-size', '64', '-j', '0'])
     rows = list(csv.DictReader(open(os.path.join(run, 'validation_results.csv'))))
@@ -286,12 +298,12 @@ def test_corrupt_training_image_is_skipped(shapes, tmp_path, caplog):
 def test_plot_summary(shapes, tmp_path):
     run = _run(shapes, tmp_path, '--epochs', '2')
     out = tmp_path / 'curves.png'
-    subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'plot_summary.py'), run, '--out', str(out)],
+    subprocess.run([sys.executable, '-m', 'tools.plot_summary', run, '--out', str(out)],
                    check=True, cwd=REPO)
     from PIL import Image
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 200
-    default = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'plot_summary.py'),
+    default = subprocess.run([sys.executable, '-m', 'tools.plot_summary',
                               os.path.join(run, 'summary.csv')], capture_output=True, text=True, cwd=REPO)
     assert default.returncode == 0 and os.path.isfile(os.path.join(run, 'summary.png'))
 
@@ -330,3 +342,27 @@ def test_apex_amp_falls_back_to_native_bf16_on_cpu(shapes, tmp_path, caplog):
     rows = validate_script.main([shapes, '--model', 'volo_d1', '--checkpoint', os.path.join(run, 'last.pth.tar'),
                                  '--img-size', '32', '-j', '0', '--amp', '--channels-last'])
     assert 0 <= rows[0]['top1'] <= 100
+
+
+def test_one_log_line_per_message_and_no_progress_bar_when_redirected(shapes, tmp_path, capfd):
+    """demo.py runs main.py and validate.py in one process: each message once, no bar garbage."""
+    run = _run(shapes, tmp_path, '--epochs', '1')
+    for _ in range(2):
+        validate_script.main([shapes, '--checkpoint', run, '-j', '0'])
+    err = capfd.readouterr().err
+    assert err.count('Output: ' + run) == 1
+    results = [line for line in err.splitlines() if 'model_best.pth.tar: top1' in line]
+    assert len(results) == 2  # one per validate call, not one per handler
+    assert '\r' not in err and 'batch/s' not in err and 'it/s' not in err
+
+
+def test_batchnorm_options_and_dataset_choice(shapes):
+    args, _ = train_script.parse_args([shapes, '--model', 'volo_d1', '--img-size', '32', '--num-classes', '3',
+                                       '--bn-momentum', '0.01', '--bn-eps', '1e-3'])
+    model = train_script.build_model(args)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 3 and all(m.momentum == 0.01 and m.eps == 1e-3 for m in norms)
+    args, _ = train_script.parse_args([shapes, '--dataset', 'folder'])
+    assert args.dataset == 'folder'
+    with pytest.raises(SystemExit):
+        train_script.parse_args([shapes, '--dataset', 'imagenet'])

@@ -1,0 +1,1 @@
+"""Command-line tools; run them from the repository root as modules: python -m tools.NAME ..."""

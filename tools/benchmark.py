@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Throughput and peak memory of this repo's models, optionally beside timm's implementation.
 
-    python tools/benchmark.py --model volo_d1 --img-size 224 -b 16 --mode infer --compare-timm
-    python tools/benchmark.py --model volo_d1 -b 8 --mode train --compare-timm --threads 2
-    python tools/benchmark.py --op outlook_attention -b 16 --compare-timm --threads 2
-    python tools/benchmark.py --model volo_d1 -b 128 --mode train --device cuda --precision bf16 \
+    python -m tools.benchmark --model volo_d1 --img-size 224 -b 16 --mode infer --compare-timm
+    python -m tools.benchmark --model volo_d1 -b 8 --mode train --compare-timm --threads 2
+    python -m tools.benchmark --op outlook_attention -b 16 --compare-timm --threads 2
+    python -m tools.benchmark --model volo_d1 -b 128 --mode train --device cuda --precision bf16 \
         --compare-timm [--compile] [--outlook-impl torch]
 
 Both implementations get the same weights and inputs; timings alternate between them and report
@@ -17,20 +17,16 @@ over the peak: --peak-tflops, or the dense bf16/fp16 peak of a known GPU.
 import argparse
 import copy
 import json
-import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import models  # noqa: E402,F401  (registers this repo's models)
+import models  # noqa: F401  (registers this repo's models)
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 

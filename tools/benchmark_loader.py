@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Images/s of the token-label training loader against timm's plain training loader.
 
-    python tools/benchmark_loader.py --workers 2 --img-size 224 --images 512
+    python -m tools.benchmark_loader --workers 2 --img-size 224 --images 512
 
 Both read the same generated JPEG folder (ImageNet-like 375x500 images, 18x18 label maps over
 1000 classes) with the same workers, RandAugment, random erasing and batch size, and normalise on
@@ -11,18 +11,15 @@ create_token_label_target (14x14 token labels) to each batch.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_dataset, create_loader
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import create_dataset, create_loader  # noqa: E402
-
-from data import DatasetTokenLabel, create_token_label_loader, create_token_label_target  # noqa: E402
+from data import DatasetTokenLabel, create_token_label_loader, create_token_label_target
 
 
 def make_folder(root, images, classes=10, num_label_classes=1000, map_size=18, seed=0):

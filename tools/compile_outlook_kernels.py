@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compile the fused outlook-attention kernels for an NVIDIA architecture, on any machine.
 
-    python tools/compile_outlook_kernels.py --arch 90 --model volo_d1 -b 128 --dtype bf16
+    python -m tools.compile_outlook_kernels --arch 90 --model volo_d1 -b 128 --dtype bf16
 
 Triton lowers to PTX and ptxas (shipped inside the triton wheel) assembles it without a GPU. This
 catches kernels that Triton's interpreter runs but its compiler rejects, and reports each kernel's
@@ -16,18 +16,17 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
     sys.exit('compile_outlook_kernels.py: unset TRITON_INTERPRET; the interpreter compiles nothing')
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
 
-from models import outlook_triton, volo  # noqa: E402
+from layers import outlook_triton
+from models import volo
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32, 'fp64': torch.float64}
 TYPE_NAMES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32', torch.float64: 'fp64'}

@@ -1,25 +1,22 @@
 #!/usr/bin/env python3
 """Export a model to ONNX (opset 17 by default) and check it against PyTorch with onnxruntime.
 
-    python tools/export_onnx.py --model volo_d1 --checkpoint d1_224_84.2.pth.tar --img-size 224 --out volo_d1.onnx
+    python -m tools.export_onnx --model volo_d1 --checkpoint d1_224_84.2.pth.tar --img-size 224 --out volo_d1.onnx
 
 Needs `pip install onnx onnxruntime onnxscript`. The outlook attention of this repo exports without
 Col2Im, so opset 17 (and TensorRT) work.
 """
 import argparse
 import logging
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import timm
+import torch
 
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import models  # noqa: E402,F401
-from utils import load_pretrained_weights  # noqa: E402
+import models  # noqa: F401
+from utils import load_pretrained_weights
 
 
 def export(model, img_size, path, opset=17, batch=2):

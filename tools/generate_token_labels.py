@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write tlt-format token-label maps for an image folder by running a classifier densely.
 
-    python tools/generate_token_labels.py /data/mydataset/train --output /data/mydataset/labels \
+    python -m tools.generate_token_labels /data/mydataset/train --output /data/mydataset/labels \
         --model resnet50 --checkpoint annotator.pth.tar --num-classes 100 --img-size 448 -b 32
 
 The classifier is applied to every position of the model's last feature map (CNNs: their head on
@@ -18,18 +18,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import str_to_interp_mode
+from torchvision import transforms
+from tqdm import tqdm
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.data.transforms import str_to_interp_mode  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import models  # noqa: E402,F401
-from data.dataset import ImageFolderDataset, find_split, label_path  # noqa: E402
-from utils import load_pretrained_weights  # noqa: E402
+import models  # noqa: F401
+from data.dataset import ImageFolderDataset, find_split, label_path
+from utils import load_pretrained_weights
 
 _logger = logging.getLogger('generate_token_labels')
 MAX_FP16_INDEX = 2048  # largest integer a half tensor holds exactly

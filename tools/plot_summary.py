@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Plot a training run's summary.csv: losses and top-1/top-5 accuracy per epoch, as a PNG.
 
-    python tools/plot_summary.py output/train/RUN            # writes output/train/RUN/summary.png
-    python tools/plot_summary.py output/train/RUN/summary.csv --out curves.png
+    python -m tools.plot_summary output/train/RUN            # writes output/train/RUN/summary.png
+    python -m tools.plot_summary output/train/RUN/summary.csv --out curves.png
 """
 import argparse
 import csv
@@ -12,7 +12,7 @@ import sys
 import matplotlib
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def read_summary(path):

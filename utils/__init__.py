@@ -1,3 +1,5 @@
-"""Checkpoint reading, weight loading and evaluation."""
-from .checkpoint import (CheckpointError, checkpoint_num_classes, extract_state_dict, load_pretrained_weights,
-                         read_state_dict, resize_pos_embed, resolve_checkpoint_path, resume_checkpoint, safe_load)
+"""Checkpoint reading, weight loading, logging and evaluation."""
+from layers import resize_pos_embed
+from .checkpoint import (CheckpointContents, CheckpointError, checkpoint_num_classes, extract_state_dict,
+                         load_pretrained_weights, read_checkpoint, read_state_dict, resolve_checkpoint_path,
+                         resume_checkpoint, safe_load)

@@ -1,14 +1,19 @@
-"""Reading checkpoints safely and loading them into models at any resolution and class count."""
+"""Reading checkpoints safely and loading them into models at any resolution and class count.
+
+Nothing here knows a model family: each model file provides `checkpoint_filter_fn(state_dict,
+model)` (timm's convention) and `checkpoint_variant(state_dict)` for the wrong-variant message.
+"""
 import argparse
 import collections
 import logging
 import os
 import pickle
-from typing import Dict, Optional, Tuple
+import sys
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import yaml
 
 _logger = logging.getLogger(__name__)
 
@@ -41,20 +46,6 @@ def resolve_checkpoint_path(path: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist')
     return path
-
-
-def fetch_release_file(cfg) -> str:
-    """Path of a model config's weights: its local `file`, else its `url` downloaded once into
-    torch.hub's checkpoint cache (file:// URLs work too)."""
-    if cfg.get('file'):
-        return cfg['file']
-    url = cfg['url']
-    cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    os.makedirs(cache_dir, exist_ok=True)
-    target = os.path.join(cache_dir, os.path.basename(url))
-    if not os.path.isfile(target):
-        torch.hub.download_url_to_file(url, target, progress=True)
-    return target
 
 
 def safe_load(path: str):
@@ -97,112 +88,111 @@ def extract_state_dict(checkpoint, use_ema: bool = False, path: str = '<checkpoi
     return tensors
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
-    """Bicubic resize of a channels-last (1, H, W, C) position embedding to grid (h, w)."""
-    grid = tuple(grid)
-    if tuple(pos_embed.shape[1:3]) == grid:
-        return pos_embed
-    resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=grid, mode='bicubic',
-                            align_corners=False)
-    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+class CheckpointContents(NamedTuple):
+    path: str                      # the file that was read
+    state_dict: Dict[str, torch.Tensor]
+    train_args: Optional[dict]     # the training arguments (checkpoint's `args`, or the run's args.yaml)
 
 
-def _volo_signature(shapes: Dict[str, tuple]) -> Optional[tuple]:
-    """(stem width, dims, blocks per stage) of a VOLO-like state dict, from its key shapes."""
-    if 'patch_embed.conv.0.weight' not in shapes or 'network.0.0.norm1.weight' not in shapes:
-        return None
-    stages = []
-    for stage in (0, 2, 3, 4):
-        stages.append(len({k.split('.')[2] for k in shapes if k.startswith(f'network.{stage}.')
-                           and k.endswith('norm1.weight')}))
-    fc1 = shapes.get('network.0.0.mlp.fc1.weight', (0, 1))
-    return (shapes['patch_embed.conv.0.weight'][0], shapes['network.0.0.norm1.weight'][0],
-            shapes.get('norm.weight', (0,))[0], tuple(stages), fc1[0] // fc1[1])
-
-
-def describe_variant(shapes: Dict[str, tuple]) -> str:
-    """The registered VOLO variant whose layout these shapes have, or a description of them."""
-    from models.volo import VARIANTS
-    sig = _volo_signature(shapes)
-    if sig is None:
-        return 'a state dict that is not VOLO-shaped'
-    for name, cfg in VARIANTS.items():
-        if sig == (cfg['stem_hidden_dim'], cfg['embed_dims'][0], cfg['embed_dims'][-1], tuple(cfg['layers']),
-                   cfg['mlp_ratios'][0]):
-            return name
-    return f'an unknown VOLO layout (stem {sig[0]}, dims {sig[1]}/{sig[2]}, blocks {sig[3]})'
+def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointContents:
+    """Read a checkpoint file or run directory once: its model weights and, for a training
+    checkpoint, the arguments it was trained with."""
+    path = resolve_checkpoint_path(checkpoint_path)
+    checkpoint = safe_load(path)
+    state_dict = extract_state_dict(checkpoint, use_ema=use_ema, path=path)
+    train_args = None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), argparse.Namespace):
+        train_args = vars(checkpoint['args'])
+    else:
+        args_yaml = os.path.join(os.path.dirname(path), 'args.yaml')
+        if os.path.isfile(args_yaml):
+            with open(args_yaml) as f:
+                loaded = yaml.safe_load(f)
+            train_args = loaded if isinstance(loaded, dict) else None
+    return CheckpointContents(path, state_dict, train_args)
 
 
 def read_state_dict(checkpoint_path: str, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
     """(resolved file path, model state dict) of a checkpoint file or run directory."""
-    path = resolve_checkpoint_path(checkpoint_path)
-    return path, extract_state_dict(safe_load(path), use_ema=use_ema, path=path)
+    contents = read_checkpoint(checkpoint_path, use_ema=use_ema)
+    return contents.path, contents.state_dict
+
+
+def _model_file_hook(model, name):
+    """A function of the model's own file (timm's convention, e.g. checkpoint_filter_fn), or None."""
+    return getattr(sys.modules.get(type(model).__module__), name, None)
+
+
+def _classifier_names(model):
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head')
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _describe(model, state_dict):
+    describe = _model_file_hook(model, 'checkpoint_variant')
+    return describe(state_dict) if describe else None
 
 
 def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, strict: bool = True,
                             num_classes: Optional[int] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None):
     """Load a release or training checkpoint into `model`.
 
-    pos_embed is resized to the model's grid; when the class count differs (num_classes, default the
-    model's), the classifier heads are left as initialised. `state_dict`: the checkpoint's, already
-    read by read_state_dict, so that a large file is not read twice. Returns torch's (missing,
-    unexpected) keys.
+    The model file's `checkpoint_filter_fn` adapts the state dict (pos_embed resized to the model's
+    grid). A classifier of another class count is an error unless `num_classes` (the model's) is
+    given or strict=False: then the heads stay as initialised. `state_dict`: the checkpoint's,
+    already read by read_checkpoint, so that a large file is not read twice. Returns torch's
+    (missing, unexpected) keys.
     """
     if state_dict is None:
         path, state_dict = read_state_dict(checkpoint_path, use_ema=use_ema)
     else:
         path, state_dict = checkpoint_path, dict(state_dict)
-    model_state = model.state_dict()
     model_classes = getattr(model, 'num_classes', None)
     if num_classes is not None and model_classes is not None and num_classes != model_classes:
         raise ValueError(f'num_classes={num_classes} but the model was built with {model_classes} classes')
+    filter_fn = _model_file_hook(model, 'checkpoint_filter_fn')
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    model_state = model.state_dict()
 
-    if 'pos_embed' in state_dict and 'pos_embed' in model_state:
-        ours, theirs = model_state['pos_embed'], state_dict['pos_embed']
-        if ours.ndim == theirs.ndim == 4 and ours.shape[-1] == theirs.shape[-1]:
-            if ours.shape != theirs.shape:
-                _logger.info('resizing pos_embed %s -> %s', tuple(theirs.shape), tuple(ours.shape))
-            state_dict['pos_embed'] = resize_pos_embed(theirs, ours.shape[1:3])
-
-    dropped_heads = []
-    for head in ('head', 'aux_head'):
-        w = state_dict.get(f'{head}.weight')
-        ours = model_state.get(f'{head}.weight')
-        if w is not None and (ours is None or ours.shape != w.shape):
-            dropped_heads += [k for k in list(state_dict) if k.startswith(f'{head}.')]
-    if dropped_heads:
-        _logger.warning('%s: %d classes in the checkpoint, %s in the model: the classifier heads start fresh',
-                     path, state_dict[dropped_heads[0]].shape[0], model_classes)
-        for k in dropped_heads:
-            del state_dict[k]
-
+    # classifier heads whose class count differs: fresh heads, asked for explicitly
+    head_keys = [k for k in state_dict if k.split('.')[0] in _classifier_names(model) and k in model_state
+                 and state_dict[k].ndim >= 1 and state_dict[k].shape[0] != model_state[k].shape[0]]
     mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
-                  if k in model_state and v.shape != model_state[k].shape]
-    missing = [k for k in model_state if k not in state_dict and k not in _heads_of(model_state, dropped_heads)]
+                  if k in model_state and k not in head_keys and v.shape != model_state[k].shape]
+    missing = [k for k in model_state if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_state]
     if mismatched or (strict and (missing or unexpected)):
-        file_kind = describe_variant({k: tuple(v.shape) for k, v in state_dict.items()})
-        model_kind = describe_variant({k: tuple(v.shape) for k, v in model_state.items()})
+        file_kind, model_kind = _describe(model, state_dict), _describe(model, model_state)
         details = [f'{k}: file {a} vs model {b}' for k, a, b in mismatched[:3]]
         details += [f'missing in file: {k}' for k in missing[:3 - len(details)]]
         details += [f'not in model: {k}' for k in unexpected[:max(0, 3 - len(details))]]
-        if mismatched or file_kind != model_kind:
+        if file_kind and model_kind and file_kind != model_kind:
             raise CheckpointError(
                 f'{path} looks like {file_kind}, but the model is {model_kind}; first differences: '
                 + '; '.join(details))
-        raise CheckpointError(f'{path} does not fit the model ({len(missing)} missing, '
-                              f'{len(unexpected)} unexpected keys): ' + '; '.join(details))
+        raise CheckpointError(f'{path} does not fit the {model_kind or type(model).__name__} ({len(mismatched)} '
+                              f'tensors of other shapes, {len(missing)} missing, {len(unexpected)} unexpected): '
+                              + '; '.join(details))
+    if head_keys:
+        file_classes = state_dict[head_keys[0]].shape[0]
+        if strict and num_classes is None:
+            raise CheckpointError(
+                f'{path} has a {file_classes}-class classifier and the model {model_classes} classes. To load '
+                f'everything else and start the classifier heads fresh, pass num_classes={model_classes} '
+                f'(main.py: --finetune does this; validate.py: --num-classes); to use the checkpoint\'s '
+                f'classifier, build the model with num_classes={file_classes}.')
+        log = _logger.info if num_classes is not None else _logger.warning
+        log('%s: %d classes in the checkpoint, %s in the model: the classifier heads (%s) start fresh',
+            path, file_classes, model_classes, ', '.join(sorted({k.split('.')[0] for k in head_keys})))
+        for k in head_keys:
+            del state_dict[k]
     result = model.load_state_dict(state_dict, strict=False)
-    missing_keys = [k for k in result.missing_keys if k not in _heads_of(model_state, dropped_heads)]
+    fresh = {k for k in model_state if k.split('.')[0] in {h.split('.')[0] for h in head_keys}}
+    missing_keys = [k for k in result.missing_keys if k not in fresh]
     if missing_keys or result.unexpected_keys:
         _logger.warning('%s: missing keys %s; unexpected keys %s', path, missing_keys, result.unexpected_keys)
     return result
-
-
-def _heads_of(model_state, dropped):
-    """Model keys of the classifier heads that were deliberately not loaded."""
-    prefixes = {k.split('.')[0] + '.' for k in dropped}
-    return {k for k in model_state if any(k.startswith(p) for p in prefixes)}
 
 
 def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -211,9 +201,11 @@ def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]
     return None if head is None else int(head.shape[0])
 
 
-def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_ema=None):
-    """Restore a training checkpoint written by main.py; returns the epoch to start from."""
-    checkpoint = safe_load(path)
+def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_ema=None, checkpoint=None):
+    """Restore a training checkpoint written by main.py; returns the epoch to start from.
+    `checkpoint`: the file's contents when already read."""
+    if checkpoint is None:
+        checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
         raise CheckpointError(f'{path} is not a training checkpoint (needs state_dict and epoch to resume)')
     model.load_state_dict(extract_state_dict(checkpoint, path=path), strict=True)

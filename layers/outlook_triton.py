@@ -21,6 +21,8 @@ from typing import Tuple
 
 import torch
 
+from .outlook_attention import outlook_aggregate, register_fused_impl
+
 try:
     import triton
     import triton.language as tl
@@ -299,7 +301,6 @@ def fused_kernels_work(device: torch.device) -> bool:
 
 
 def _self_check(device):
-    from .volo import outlook_aggregate
     if triton is None:
         return False
     try:
@@ -324,3 +325,7 @@ def _self_check(device):
     warnings.warn(f'the fused outlook attention kernels {problem} on {device}; VOLO uses the PyTorch '
                   "path there (outlook_impl='torch' silences this)")
     return False
+
+
+if triton is not None:
+    register_fused_impl('triton', outlook_attention_fused, fused_kernels_work)

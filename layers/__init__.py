@@ -1,0 +1,7 @@
+"""Building blocks below the model files: outlook attention (PyTorch path and fused Triton
+kernels, which register themselves with the one function that picks between them) and
+position-embedding resizing."""
+from .helpers import exporting, needs_grad
+from .outlook_attention import OUTLOOK_IMPLS, OutlookAttention, apply_outlook_attention, outlook_aggregate
+from .pos_embed import resize_pos_embed
+from . import outlook_triton  # noqa: F401,E402  (registers the fused kernels where triton is installed)

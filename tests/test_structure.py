@@ -1,0 +1,74 @@
+"""The repository's import structure: layers -> models -> utils/data/loss -> scripts, one way."""
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ('layers', 'models', 'utils', 'data', 'loss')
+SCRIPTS = ('main', 'validate', 'demo', 'tools')
+# what each package may import from this repository (function-level imports count too)
+ALLOWED = {'layers': {'layers'}, 'models': {'layers', 'models'}, 'utils': {'layers', 'utils'},
+           'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}}
+
+
+def repo_imports(path, package):
+    """Top-level names of this repository's modules that a file imports, anywhere in it."""
+    tree = ast.parse(open(path).read(), filename=path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [package] if node.level else [node.module or '']
+        else:
+            continue
+        found |= {n.split('.')[0] for n in names if n.split('.')[0] in PACKAGES + SCRIPTS}
+    return found
+
+
+@pytest.mark.parametrize('package', PACKAGES)
+def test_imports_point_one_way(package):
+    wrong = {}
+    for path in glob.glob(os.path.join(REPO, package, '*.py')):
+        bad = repo_imports(path, package) - ALLOWED[package]
+        if bad:
+            wrong[os.path.relpath(path, REPO)] = sorted(bad)
+    assert not wrong, f'imports against the layering: {wrong}'
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    sample = tmp_path / 'x.py'
+    sample.write_text('def f():\n    from models.volo import VARIANTS\n    from . import checkpoint\n')
+    assert repo_imports(str(sample), 'utils') == {'models', 'utils'}
+
+
+def test_tools_run_as_modules_without_editing_sys_path():
+    for path in glob.glob(os.path.join(REPO, 'tools', '*.py')):
+        assert 'sys.path' not in open(path).read(), path
+    done = subprocess.run([sys.executable, '-m', 'tools.generate_token_labels', '--help'], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and 'usage' in done.stdout, done.stderr
+
+
+def test_importing_the_repository_patches_nothing_in_timm():
+    code = ('from timm.data import auto_augment as a; before = dict(a.NAME_TO_OP); '
+            'import layers, models, utils, data, loss, main, validate; '
+            'assert a.NAME_TO_OP == before, "timm op table changed"')
+    done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_one_function_picks_the_outlook_attention_implementation():
+    """The kernels register with layers.outlook_attention; nothing else chooses a path."""
+    from layers import outlook_attention, outlook_triton
+    if outlook_triton.triton_available():
+        assert outlook_attention._FUSED['triton'][0] is outlook_triton.outlook_attention_fused
+    sources = {p: open(p).read() for p in glob.glob(os.path.join(REPO, '*', '*.py')) + glob.glob(os.path.join(REPO, '*.py'))
+               if os.sep + 'tests' + os.sep not in p}
+    choosers = [os.path.relpath(p, REPO) for p, text in sources.items()
+                if 'fused_kernels_work(' in text and not p.endswith('outlook_triton.py')]
+    assert choosers == []
