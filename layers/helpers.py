@@ -4,7 +4,10 @@ import torch
 
 def exporting() -> bool:
     """Whether the graph is being exported (ONNX or torch.export): exports take the plain paths."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    if torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.7
+    return bool(is_exporting and is_exporting())
 
 
 def needs_grad(t: torch.Tensor) -> bool:

@@ -15,6 +15,7 @@ import models  # noqa: E402
 from layers import outlook_attention, outlook_triton  # noqa: E402
 from models import volo  # noqa: E402
 from tests.reference_ops import assert_matches_reference, outlook_attention_reference  # noqa: E402
+from tests.small_models import small_volo  # noqa: E402
 
 
 def _twin_modules(dim, heads, **kwargs):
@@ -29,12 +30,21 @@ def test_kernels_run_in_the_interpreter_here():
     assert outlook_triton.triton_available() and outlook_triton.interpreting()
 
 
-@pytest.mark.parametrize('name', sorted(volo.VARIANTS))
+# one variant per distinct stage-1 geometry (d2/d3 and d4/d5 share theirs)
+STAGE1 = {(cfg['embed_dims'][0], cfg['num_heads'][0]): name for name, cfg in sorted(volo.VARIANTS.items(), reverse=True)}
+
+
+def test_the_stage1_geometries_are_those_of_every_variant():
+    assert sorted(STAGE1.values()) == ['volo_d1', 'volo_d2', 'volo_d4']
+    assert {(c['embed_dims'][0], c['num_heads'][0]) for c in volo.VARIANTS.values()} == set(STAGE1)
+
+
+@pytest.mark.parametrize('name', sorted(STAGE1.values()))
 def test_every_variant_stage1_fp32(name):
     """Stage-1 geometry of each variant (k3 s2 p1, its dim and heads), odd grid, batch 1."""
     cfg = volo.VARIANTS[name]
     module, _ = _twin_modules(cfg['embed_dims'][0], cfg['num_heads'][0], kernel_size=3, padding=1, stride=2)
-    x = torch.randn(1, 13, 11, cfg['embed_dims'][0], requires_grad=True)
+    x = torch.randn(1, 7, 5, cfg['embed_dims'][0], requires_grad=True)
     assert_matches_reference(module, x)
 
 
@@ -54,8 +64,8 @@ def test_bf16_inputs_keep_their_dtype_and_agree_with_fp32():
 
 def test_whole_model_matches_the_pytorch_path():
     torch.manual_seed(0)
-    plain = models.volo_d1(img_size=32, num_classes=10, outlook_impl='torch')
-    fused = models.volo_d1(img_size=32, num_classes=10, outlook_impl='triton')
+    plain = small_volo(outlook_impl='torch')
+    fused = small_volo(outlook_impl='triton')
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     plain.eval(), fused.eval()
@@ -97,11 +107,10 @@ def test_auto_uses_the_pytorch_path_off_cuda_and_triton_when_asked(monkeypatch):
     assert calls == []
     volo.OutlookAttention(16, 2, 3, 1, 2, outlook_impl='triton')(x)
     assert calls == [(1, 6, 6, 16)]
-    model = timm.create_model('volo_d1', img_size=32, num_classes=3, outlook_impl='triton')
-    model.eval()
+    model = small_volo(outlook_impl='triton').eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-    assert len(calls) == 1 + 4  # d1 has four outlookers
+    assert len(calls) == 1 + 1  # one outlooker in the small model
 
 
 def test_exporting_takes_the_pytorch_path(monkeypatch):
@@ -166,12 +175,15 @@ def test_kernels_compile_for_real_gpus(arch, dtype):
 def test_torch_compile_matches_eager_on_an_odd_map(impl):
     """fullgraph=True: no graph breaks (around the custom ops too); inductor's forward and gradients
     equal eager's. The odd map checks the pooling that works around pytorch/pytorch#198119 (inductor's
-    avg_pool2d backward mis-weights ceil-mode edge windows). The kernels run interpreted."""
+    avg_pool2d backward mis-weights ceil-mode edge windows). The kernels run interpreted. Inductor's
+    C++ code is generated without SIMD here: the same lowering, half the compile time on 2 cores."""
     torch.manual_seed(0)
     block = volo.Outlooker(32, kernel_size=3, padding=1, stride=2, num_heads=2, outlook_impl=impl)
     compiled = torch.compile(block, fullgraph=True)
     x = torch.randn(2, 7, 9, 32, requires_grad=True)
-    out, ref = compiled(x), block(x)
+    with torch._inductor.config.patch({'cpp.vec_isa_ok': False}):
+        out = compiled(x)
+    ref = block(x)
     assert (out - ref).abs().max().item() <= 1e-5
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, [x, *block.parameters()], g),
