@@ -37,14 +37,16 @@ from timm.utils import ModelEmaV2, NativeScaler, dispatch_clip_grad, distribute_
 
 import models  # noqa: F401  (registers this repo's models with timm)
 from data import (DataError, DatasetTokenLabel, TokenLabelMixup, create_eval_loader, create_token_label_loader,
-                  create_token_label_target, create_train_loader, find_split)
+                  create_token_label_target, create_train_loader, eval_class_indices, find_split)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
 from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint, safe_load
-from utils.checkpoint_saver import CheckpointSaver
+from utils.checkpoint_saver import CheckpointSaver, DiskFullError
+from utils.config import ConfigError, non_negative_int, positive_int, read_config_defaults
 from utils.evaluation import evaluate
 from utils.log import log_to_file, setup_logging
-from utils.summary import append_summary, truncate_summary
+from utils.runs import ResumeError, RunLock, find_resume_checkpoint, promote
+from utils.summary import truncate_summary, write_summary
 
 _logger = logging.getLogger('train')
 
@@ -76,16 +78,16 @@ def get_parsers():
     p.add_argument('--resume', default='', type=str, metavar='PATH',
                    help="checkpoint to resume, or 'auto': the newest last.pth.tar under --output")
     p.add_argument('--no-resume-opt', action='store_true', default=False)
-    p.add_argument('--num-classes', type=int, default=None, metavar='N',
+    p.add_argument('--num-classes', type=positive_int, default=None, metavar='N',
                    help='default: the number of class folders in the training split')
-    p.add_argument('--img-size', type=int, default=None, metavar='N')
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N')
+    p.add_argument('--img-size', type=positive_int, default=None, metavar='N')
+    p.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar='N N N')
     p.add_argument('--crop-pct', default=None, type=float, help='validation center-crop fraction')
     p.add_argument('--mean', type=float, nargs='+', default=None)
     p.add_argument('--std', type=float, nargs='+', default=None)
     p.add_argument('--interpolation', default='', type=str, help='validation resize interpolation')
-    p.add_argument('-b', '--batch-size', type=int, default=128, help='per-process batch size')
-    p.add_argument('-vb', '--validation-batch-size-multiplier', type=int, default=1)
+    p.add_argument('-b', '--batch-size', type=positive_int, default=128, help='per-process batch size')
+    p.add_argument('-vb', '--validation-batch-size-multiplier', type=positive_int, default=1)
     # optimizer
     p.add_argument('--opt', default='adamw', type=str)
     p.add_argument('--opt-eps', default=None, type=float)
@@ -104,11 +106,11 @@ def get_parsers():
     p.add_argument('--lr-cycle-limit', type=int, default=1)
     p.add_argument('--warmup-lr', type=float, default=1e-6)
     p.add_argument('--min-lr', type=float, default=1e-5)
-    p.add_argument('--epochs', type=int, default=300)
-    p.add_argument('--start-epoch', default=None, type=int)
+    p.add_argument('--epochs', type=positive_int, default=300)
+    p.add_argument('--start-epoch', default=None, type=non_negative_int)
     p.add_argument('--decay-epochs', type=float, default=30)
-    p.add_argument('--warmup-epochs', type=int, default=20)
-    p.add_argument('--cooldown-epochs', type=int, default=10)
+    p.add_argument('--warmup-epochs', type=non_negative_int, default=20)
+    p.add_argument('--cooldown-epochs', type=non_negative_int, default=10)
     p.add_argument('--patience-epochs', type=int, default=10)
     p.add_argument('--decay-rate', '--dr', type=float, default=0.1)
     # augmentation / regularisation
@@ -144,10 +146,11 @@ def get_parsers():
     p.add_argument('--model-ema-decay', type=float, default=0.99992)
     # misc
     p.add_argument('--seed', type=int, default=42)
-    p.add_argument('--log-interval', type=int, default=50)
-    p.add_argument('--recovery-interval', type=int, default=0)
-    p.add_argument('--checkpoint-hist', type=int, default=10)
-    p.add_argument('-j', '--workers', type=int, default=8)
+    p.add_argument('--log-interval', type=positive_int, default=50)
+    p.add_argument('--recovery-interval', type=non_negative_int, default=0)
+    p.add_argument('--checkpoint-hist', type=non_negative_int, default=10,
+                   help='how many of the best checkpoint-<epoch> files to keep (0: none; last and best always)')
+    p.add_argument('-j', '--workers', type=non_negative_int, default=8)
     p.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.amp)')
     p.add_argument('--apex-amp', action='store_true', default=False,
                    help='NVIDIA apex O1 when importable, else native AMP')
@@ -156,13 +159,13 @@ def get_parsers():
     p.add_argument('--channels-last', action='store_true', default=False)
     p.add_argument('--pin-mem', action='store_true', default=False)
     p.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default ./output)')
-    p.add_argument('--eval-metric', default='top1', type=str)
+    p.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     # token labeling
     p.add_argument('--token-label', action='store_true', default=False, help='dense token-level training loss')
     p.add_argument('--token-label-data', type=str, default='', metavar='DIR', help='token-label maps (tlt format)')
-    p.add_argument('--token-label-size', type=int, default=1, metavar='N', help='token grid of the labels')
+    p.add_argument('--token-label-size', type=positive_int, default=1, metavar='N', help='token grid of the labels')
     p.add_argument('--dense-weight', type=float, default=0.5)
     p.add_argument('--cls-weight', type=float, default=1.0)
     p.add_argument('--ground-truth', action='store_true', default=False, help='blend ground truth into cls target')
@@ -174,22 +177,21 @@ def get_parsers():
 
 
 def parse_args(argv=None):
+    """Arguments from the command line over the YAML defaults of -c FILE; every YAML value passes
+    the same type, choice and range checks as the command line (utils/config.py)."""
     config_parser, parser = get_parsers()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
-        if not os.path.isfile(args_config.config):
-            parser.error(f'config file {args_config.config} does not exist')
-        with open(args_config.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        if not isinstance(cfg, dict):
-            parser.error(f'config file {args_config.config} must hold a mapping of argument names to values')
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in cfg if k.replace('-', '_') not in known)
-        if unknown:
-            parser.error(f'config file {args_config.config}: unknown argument(s) {", ".join(unknown)}')
-        parser.set_defaults(**{k.replace('-', '_'): v for k, v in cfg.items()})
+        try:
+            parser.set_defaults(**read_config_defaults(parser, args_config.config))
+        except ConfigError as e:
+            parser.error(str(e))
     args = parser.parse_args(remaining)
     args.config = args_config.config
+    if args.input_size is not None and args.img_size is not None and args.input_size[-1] != args.img_size:
+        parser.error(f'--input-size {" ".join(map(str, args.input_size))} disagrees with --img-size {args.img_size}')
+    if args.input_size is not None and args.input_size[-1] != args.input_size[-2]:
+        parser.error(f'--input-size {" ".join(map(str, args.input_size))}: only square inputs are supported')
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
@@ -339,20 +341,22 @@ def build_mixup(args, setup):
 
 
 def resolve_classes(args):
-    """Check the data folders now; the class count defaults to the training folder's.
-    Returns the (train, eval) split folders."""
+    """Check the data folders now; the class count defaults to the training folder's, and the
+    validation folder is read with the training split's class list (checked against it).
+    Returns the (train, eval) split folders and the class names."""
     train_root = find_split(args.data_dir, args.train_split)
     eval_root = find_split(args.data_dir, args.val_split)
-    found = len(find_classes(train_root)[0])
+    class_names = find_classes(train_root)[0]
+    eval_class_indices(eval_root, class_names)
     if args.num_classes is None:
-        args.num_classes = found
-        _logger.info('%d classes in %s', found, train_root)
-    elif args.num_classes < found:
-        raise UsageError(f'--num-classes {args.num_classes}, but {train_root} has {found} class folders')
-    return train_root, eval_root
+        args.num_classes = len(class_names)
+        _logger.info('%d classes in %s', len(class_names), train_root)
+    elif args.num_classes < len(class_names):
+        raise UsageError(f'--num-classes {args.num_classes}, but {train_root} has {len(class_names)} class folders')
+    return train_root, eval_root, class_names
 
 
-def build_loaders(args, setup, data_config, train_root, eval_root):
+def build_loaders(args, setup, data_config, train_root, eval_root, class_names):
     interpolation = args.train_interpolation or data_config['interpolation']
     common = dict(num_workers=args.workers, distributed=setup.distributed, pin_memory=args.pin_mem,
                   device=setup.device, mean=data_config['mean'], std=data_config['std'])
@@ -363,7 +367,7 @@ def build_loaders(args, setup, data_config, train_root, eval_root):
     if args.no_aug:
         augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None, re_prob=0.)
     if setup.token_label_maps:
-        dataset = DatasetTokenLabel(train_root, args.token_label_data)
+        dataset = DatasetTokenLabel(train_root, args.token_label_data, num_classes=args.num_classes)
         train = create_token_label_loader(dataset, img_size, args.batch_size, aa_after_crop=args.aa_after_crop,
                                           **augment, **common)
     else:
@@ -371,13 +375,8 @@ def build_loaders(args, setup, data_config, train_root, eval_root):
                                     **augment, **common)
     eval_loader = create_eval_loader(eval_root, img_size, args.validation_batch_size_multiplier * args.batch_size,
                                      crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
-                                     **common)
+                                     class_to_idx=eval_class_indices(eval_root, class_names), **common)
     return train, eval_loader
-
-
-def find_latest_checkpoint(output_root):
-    candidates = glob.glob(os.path.join(output_root, 'train', '*', 'last.pth.tar'))
-    return max(candidates, key=os.path.getmtime) if candidates else ''
 
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_scheduler, model_ema, mixup_fn,
@@ -463,16 +462,28 @@ def main(argv=None):
     np.random.seed(args.seed + setup.rank)
     torch.manual_seed(args.seed + setup.rank)
 
+    resumed = None
     if args.resume == 'auto':
-        args.resume = find_latest_checkpoint(args.output or './output')
-        _logger.info('--resume auto: %s', args.resume or 'no checkpoint found, starting fresh')
-    train_root, eval_root = resolve_classes(args)
+        found = find_resume_checkpoint(args.output or './output', vars(args))
+        if found is None:
+            args.resume = ''
+            _logger.info('--resume auto: no run with a checkpoint under %s, starting fresh', args.output or './output')
+        else:
+            args.resume, resumed = promote(found.path), found.checkpoint
+            _logger.info('--resume auto: %s (the newest complete checkpoint of %s, epoch %d)', args.resume,
+                         found.run_dir, resumed['epoch'])
+    train_root, eval_root, class_names = resolve_classes(args)
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
     check_token_labels(args, model, setup)
     data_config = resolve_data_config(vars(args), model=model, verbose=setup.rank == 0)
-    loader_train, loader_eval = build_loaders(args, setup, data_config, train_root, eval_root)
+    loader_train, loader_eval = build_loaders(args, setup, data_config, train_root, eval_root, class_names)
+    if len(loader_train) == 0:
+        per_process = len(loader_train.dataset) // setup.world_size
+        raise UsageError(f'-b {args.batch_size} is larger than the {per_process} training images per process: '
+                         f'no full batch, no training step (batches are full-sized in training); use -b {per_process} '
+                         f'or less')
     if setup.rank == 0:
         _logger.info('Model %s: %d parameters, input %s', args.model,
                      sum(p.numel() for p in model.parameters()), data_config['input_size'])
@@ -492,13 +503,14 @@ def main(argv=None):
     if setup.rank == 0:
         _logger.info('Mixed precision: %s', setup.amp or 'off (float32)')
 
-    resume_epoch, resumed = None, None
+    resume_epoch = None
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
     if args.resume:
         resume_path = resolve_checkpoint_path(args.resume)
-        resumed = safe_load(resume_path)
+        if resumed is None:
+            resumed = safe_load(resume_path)
         resume_epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
                                          loss_scaler=None if args.no_resume_opt else setup.loss_scaler,
                                          model_ema=model_ema, checkpoint=resumed)
@@ -507,13 +519,25 @@ def main(argv=None):
         device_ids = [setup.device.index] if setup.device.type == 'cuda' else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
+    warmup_epochs, cooldown_epochs = args.warmup_epochs, args.cooldown_epochs  # the defaults suit 300 epochs
+    if warmup_epochs >= args.epochs:
+        _logger.warning('--warmup-epochs %d is not shorter than --epochs %d: no warmup', warmup_epochs, args.epochs)
+        warmup_epochs = 0
+    if cooldown_epochs >= args.epochs:
+        _logger.warning('--cooldown-epochs %d is not shorter than --epochs %d: no cooldown', cooldown_epochs,
+                        args.epochs)
+        cooldown_epochs = 0
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+        cooldown_epochs=cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed, cycle_mul=args.lr_cycle_mul,
         cycle_limit=args.lr_cycle_limit, plateau_mode='min' if args.eval_metric == 'loss' else 'max')
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if start_epoch >= num_epochs:
+        raise UsageError(f'nothing to train: the run starts at epoch {start_epoch} and the schedule has {num_epochs} '
+                         f'epochs (--epochs {args.epochs} + --cooldown-epochs {cooldown_epochs}); '
+                         f'raise --epochs to continue it')
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
 
@@ -528,15 +552,21 @@ def main(argv=None):
             exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model,
                                  str(data_config['input_size'][-1])])
             output_dir = get_outdir(args.output or './output', 'train', exp_name, inc=True)
+        lock = RunLock(output_dir)  # noqa: F841  (held until the process ends)
         log_to_file(os.path.join(output_dir, 'train.log'))
-        for stale in glob.glob(os.path.join(output_dir, '*.partial')):
+        for stale in glob.glob(os.path.join(output_dir, '*.partial')):  # complete ones were promoted above
             os.remove(stale)
         saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**vars(args)), checkpoint_dir=output_dir,
                                 model_ema=model_ema, amp_scaler=setup.loss_scaler,
-                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                                extra={'class_names': class_names})
+        summary_path = os.path.join(output_dir, 'summary.csv')
         if args.resume and output_dir == os.path.dirname(resume_path):
             saver.restore(resumed)
-            truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+            if saver.summary_rows:  # the checkpoint's rows are the record: summary.csv is rebuilt from them
+                write_summary(summary_path, [r for r in saver.summary_rows if int(r['epoch']) < start_epoch])
+            else:
+                truncate_summary(summary_path, start_epoch)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:  # resolved class count and image size
             f.write(yaml.safe_dump(vars(args), default_flow_style=False))
         _logger.info('Output: %s; scheduled epochs: %d', output_dir, num_epochs)
@@ -564,11 +594,12 @@ def main(argv=None):
         eval_metrics.pop('images_per_s')
         lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
             row = OrderedDict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
                               **{f'eval_{k}': v for k, v in eval_metrics.items()},
                               lr=lr, epoch_time=round(time.perf_counter() - epoch_start, 3))
-            append_summary(os.path.join(output_dir, 'summary.csv'), row)
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric],
+                                                            summary_row=row)
+            write_summary(summary_path, saver.summary_rows)
     if best_metric is not None:
         _logger.info('*** Best metric: %s (epoch %s)', best_metric, best_epoch)
     if setup.distributed:
@@ -579,11 +610,14 @@ def main(argv=None):
 def cli(argv=None):
     try:
         main(argv)
-    except (UsageError, DataError, CheckpointError, NonFiniteLoss) as e:
+    except (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError) as e:
         _logger.error('%s', e)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+    except KeyboardInterrupt:
+        _logger.error('interrupted: the checkpoints of completed epochs are kept; continue with --resume auto')
+        sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -24,12 +24,14 @@ from functools import partial
 import timm
 import torch
 from timm.data import resolve_data_config
+from torchvision.datasets.folder import find_classes
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import models  # noqa: F401  (registers this repo's models with timm)
-from data import DataError, create_eval_loader, find_split
+from data import DataError, create_eval_loader, eval_class_indices, find_split
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_checkpoint
+from utils.config import non_negative_int, positive_int
 from utils.evaluation import evaluate
 from utils.log import log_to_file, setup_logging
 
@@ -43,17 +45,18 @@ def parse_args(argv=None):
     p.add_argument('--model', '-m', default=None, help="default: the checkpoint's training model, else volo_d1")
     p.add_argument('--checkpoint', default='', help='checkpoint file, or a directory: evaluate each checkpoint in it')
     p.add_argument('--pretrained', action='store_true', help="the model's released weights (no --checkpoint)")
-    p.add_argument('--img-size', type=int, default=None,
+    p.add_argument('--img-size', type=positive_int, default=None,
                    help="evaluation resolution (default: the checkpoint's training size, else the model's)")
     p.add_argument('--crop-pct', type=float, default=None,
                    help="default: the checkpoint's training crop, else the model config's for this resolution")
     p.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s, bicubic)')
     p.add_argument('--mean', type=float, nargs='+', default=None)
     p.add_argument('--std', type=float, nargs='+', default=None)
-    p.add_argument('-b', '--batch-size', type=int, default=128)
-    p.add_argument('-j', '--workers', type=int, default=4)
-    p.add_argument('--num-classes', type=int, default=None, help='default: the checkpoint\'s head size')
+    p.add_argument('-b', '--batch-size', type=positive_int, default=128)
+    p.add_argument('-j', '--workers', type=non_negative_int, default=4)
+    p.add_argument('--num-classes', type=positive_int, default=None, help='default: the checkpoint\'s head size')
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
+    p.add_argument('--allow-non-finite', action='store_true', help='load weights holding NaN or Inf anyway')
     p.add_argument('--amp', action='store_true', help='mixed precision (torch.amp)')
     p.add_argument('--apex-amp', action='store_true', help='accepted for the original command lines: native AMP')
     p.add_argument('--native-amp', action='store_true', help='same as --amp')
@@ -119,11 +122,27 @@ def resolve_settings(args, train_args, head_classes, source):
     return settings
 
 
+def class_list(args, root, contents):
+    """The classes the model was trained on, in index order: the checkpoint's record, else the
+    training split beside the validation folder, else the validation folder's own."""
+    if contents is not None and contents.class_names:
+        return contents.class_names, 'the checkpoint'
+    train_root = os.path.join(args.data, 'train')
+    if os.path.normpath(root) != os.path.normpath(args.data) and os.path.isdir(train_root):
+        return find_classes(train_root)[0], train_root
+    return find_classes(root)[0], root
+
+
 def validate_one(args, checkpoint, root):
     train_args, head_classes, contents = None, None, None
     if checkpoint:
         contents = read_checkpoint(checkpoint, use_ema=args.use_ema)
         train_args, head_classes = contents.train_args, checkpoint_num_classes(contents.state_dict)
+    class_names, classes_from = class_list(args, root, contents)
+    class_to_idx = eval_class_indices(root, class_names)  # before any compute
+    if head_classes is not None and len(class_names) > head_classes:
+        raise CheckpointError(f'{checkpoint or args.model} has a {head_classes}-class head, but {classes_from} '
+                              f'lists {len(class_names)} classes')
     settings = resolve_settings(args, train_args, head_classes, checkpoint or '--pretrained')
     kwargs = {k: settings[k] for k in ('num_classes', 'img_size') if settings[k] is not None}
     try:
@@ -133,7 +152,8 @@ def validate_one(args, checkpoint, root):
     except (ValueError, TypeError) as e:
         raise CheckpointError(f'cannot build --model {settings["model"]} with {kwargs}: {e}') from None
     if checkpoint:
-        load_pretrained_weights(model, contents.path, strict=True, state_dict=contents.state_dict)
+        load_pretrained_weights(model, contents.path, strict=True, state_dict=contents.state_dict,
+                                allow_non_finite=args.allow_non_finite)
         del contents
     data_config = resolve_data_config(dict(vars(args), crop_pct=settings['crop_pct']), model=model)
     model = model.to(args.device).eval()
@@ -142,7 +162,7 @@ def validate_one(args, checkpoint, root):
     loader = create_eval_loader(root, data_config['input_size'][-1], args.batch_size, crop_pct=data_config['crop_pct'],
                                 interpolation=data_config['interpolation'], mean=data_config['mean'],
                                 std=data_config['std'], num_workers=args.workers, pin_memory=args.pin_mem,
-                                device=args.device)
+                                device=args.device, class_to_idx=class_to_idx)
     progress = partial(tqdm, desc=os.path.basename(checkpoint) or settings['model'], unit='batch',
                        disable=None)  # no bar when the output is not a terminal
     with logging_redirect_tqdm():
@@ -180,9 +200,21 @@ def main(argv=None):
         log_to_file(log_file)
     if args.results_file and not args.results_file.endswith(('.csv', '.json')):
         raise CheckpointError(f'--results-file {args.results_file}: use a .csv or .json name')
+    if args.results_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.results_file))):
+        raise CheckpointError(f'--results-file {args.results_file}: folder '
+                              f'{os.path.dirname(os.path.abspath(args.results_file))} does not exist')
     root = find_split(args.data, args.split)
+    failed = []
     if args.checkpoint and os.path.isdir(args.checkpoint):
-        rows = [validate_one(args, ckpt, root) for ckpt in checkpoints_in(args.checkpoint)]
+        rows = []
+        for ckpt in checkpoints_in(args.checkpoint):
+            try:
+                rows.append(validate_one(args, ckpt, root))
+            except CheckpointError as e:  # the others are still evaluated
+                _logger.error('%s', e)
+                failed.append((ckpt, str(e)))
+        if not rows:
+            raise CheckpointError(f'no checkpoint in {args.checkpoint} could be evaluated')
         rows.sort(key=lambda r: r['top1'], reverse=True)
         write_results(rows, args.results_file or os.path.join(args.checkpoint, 'validation_results.csv'))
     else:
@@ -192,7 +224,15 @@ def main(argv=None):
     for r in rows:
         _logger.info(f"{r['checkpoint'] or r['model']}: top1 {r['top1']:.3f}  top5 {r['top5']:.3f}  loss {r['loss']:.4f}  "
               f"({r['img_size']} px, crop {r['crop_pct']}, {r['param_count']:,} params, {r['images_per_s']:.1f} img/s)")
+    for ckpt, reason in failed:
+        _logger.error('not evaluated: %s (%s)', ckpt, reason)
+    if failed:
+        raise PartialFailure(f'{len(failed)} of {len(failed) + len(rows)} checkpoints could not be evaluated')
     return rows
+
+
+class PartialFailure(RuntimeError):
+    """Some checkpoints of a directory were evaluated, others could not be."""
 
 
 def cli(argv=None):
@@ -201,6 +241,12 @@ def cli(argv=None):
     except (DataError, CheckpointError) as e:
         _logger.error('%s', e)
         sys.exit(2)
+    except PartialFailure as e:
+        _logger.error('%s', e)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _logger.error('interrupted')
+        sys.exit(130)
 
 
 if __name__ == '__main__':

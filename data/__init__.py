@@ -1,7 +1,7 @@
 """Datasets, transforms and loaders, token labeling included (tlt's public names)."""
 from .augment_compat import fix_posterize
-from .dataset import (DataError, DatasetTokenLabel, ImageFolderDataset, create_token_label_dataset, find_split,
-                      label_path, load_label_map)
+from .dataset import (DataError, DatasetTokenLabel, ImageFolderDataset, create_token_label_dataset, eval_class_indices,
+                      find_split, label_path, load_label_map)
 from .loader import create_eval_loader, create_token_label_loader, create_train_loader, wrap_loader
 from .token_label import TokenLabelMixup, create_token_label_target, pack_sample_target
 from .transforms import LabelAwareRandAugment, TokenLabelTrainTransform

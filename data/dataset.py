@@ -43,8 +43,25 @@ def label_path(label_root, image_path, image_root):
     return os.path.join(label_root, class_dir, name.split('.')[0] + '.pt')
 
 
-def load_label_map(path):
-    """A (2, 5, H, W) tlt label map, read in safe mode; any other content is an error naming the file."""
+def label_path_collisions(label_paths, image_paths):
+    """{label file: [images]} for label files that more than one image would share (tlt names a
+    label after the image name up to its first dot: img.png and img.jpg, or a.v1.png and a.v2.png)."""
+    owners = {}
+    for label, image in zip(label_paths, image_paths):
+        owners.setdefault(label, []).append(image)
+    return {label: images for label, images in owners.items() if len(images) > 1}
+
+
+def describe_collisions(collisions):
+    shown = '\n  '.join(f'{label} <- {", ".join(images)}' for label, images in list(collisions.items())[:5])
+    return (f'{len(collisions)} token-label file(s) would be shared by several images (names are cut at the first '
+            f'dot); rename the images:\n  {shown}')
+
+
+def load_label_map(path, num_classes=None, size=None):
+    """A (2, 5, H, W) tlt label map, read in safe mode and checked: a floating tensor, finite scores,
+    whole class indices in [0, num_classes), H x W equal to `size` when given. Anything else is an
+    error naming the file."""
     try:
         label = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one message naming the file
@@ -52,14 +69,46 @@ def load_label_map(path):
     if not isinstance(label, torch.Tensor) or label.ndim != 4 or tuple(label.shape[:2]) != (2, 5):
         shape = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
         raise DataError(f'token-label file {path} holds {shape}, expected a (2, 5, H, W) tensor')
+    if not label.is_floating_point():
+        raise DataError(f'token-label file {path} holds a {label.dtype} tensor, expected half or float '
+                        f'(scores and class indices as numbers)')
+    if size is not None and tuple(label.shape[2:]) != tuple(size):
+        raise DataError(f'token-label file {path} is {label.shape[2]}x{label.shape[3]}, the other label maps are '
+                        f'{size[0]}x{size[1]}')
+    if not torch.isfinite(label).all():
+        raise DataError(f'token-label file {path} holds NaN or Inf values')
+    indices = label[1].float()
+    if not torch.equal(indices, indices.round()) or indices.min() < 0 or \
+            (num_classes is not None and indices.max() >= num_classes):
+        bound = f'0..{num_classes - 1}' if num_classes is not None else '>= 0'
+        raise DataError(f'token-label file {path}: class indices must be whole numbers in {bound}, found values from '
+                        f'{indices.min().item():g} to {indices.max().item():g}')
     return label
+
+
+def eval_class_indices(root, class_names):
+    """{class folder: index} for an evaluation folder read with the training class list: every
+    folder of `root` must be one of `class_names` (an error before any compute otherwise); classes
+    without a folder are only reported. Indices are those of the training list."""
+    found = find_classes(root)[0] if os.path.isdir(root) else []
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise DataError(f'{root} has {len(unknown)} class folder(s) that the training classes do not have: '
+                        f'{", ".join(unknown[:10])}{" ..." if len(unknown) > 10 else ""}')
+    absent = [c for c in class_names if c not in found]
+    if absent:
+        _logger.warning('%s has no folder for %d of the %d training classes (%s%s); their indices stay those of '
+                        'training', root, len(absent), len(class_names), ', '.join(absent[:5]),
+                        ' ...' if len(absent) > 5 else '')
+    return {c: i for i, c in enumerate(class_names) if c in found}
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """`root/<class>/<image>`; unreadable images are logged with their path and skipped."""
 
-    def __init__(self, root, transform=None, class_to_idx=None):
+    def __init__(self, root, transform=None, class_to_idx=None, skip_unreadable=False):
         self.root = root
+        self.skip_unreadable = skip_unreadable  # evaluation: an unreadable image yields None, not its neighbour
         if class_to_idx is None:
             _, class_to_idx = find_classes(root)
         self.class_to_idx = class_to_idx
@@ -91,10 +140,25 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise DataError(f'{MAX_CORRUPT_SKIPS} unreadable images in a row from {self.samples[index][0]}')
 
     def __getitem__(self, index):
-        index, img = self._readable(index)
+        if self.skip_unreadable:
+            try:
+                img = self.load_image(index)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                _logger.warning('skipping unreadable image %s: %s', self.samples[index][0], e)
+                return None
+        else:
+            index, img = self._readable(index)
         if self.transform is not None:
             img = self.transform(img)
         return img, self.samples[index][1]
+
+
+def collate_readable(batch):
+    """default_collate over the samples that could be read (evaluation counts only those)."""
+    readable = [sample for sample in batch if sample is not None]
+    if not readable:
+        raise DataError(f'all {len(batch)} images of an evaluation batch are unreadable (see the warnings above)')
+    return torch.utils.data.default_collate(readable)
 
 
 class DatasetTokenLabel(ImageFolderDataset):
@@ -103,22 +167,28 @@ class DatasetTokenLabel(ImageFolderDataset):
     Every image's label file is checked for existence up front: all missing ones are reported at
     once, before any training step."""
 
-    def __init__(self, root, label_root, transform=None, class_to_idx=None):
+    def __init__(self, root, label_root, transform=None, class_to_idx=None, num_classes=None):
         super().__init__(root, transform=None, class_to_idx=class_to_idx)
         self.label_root = label_root
         self.transform = transform
+        self.num_classes = num_classes
         if not os.path.isdir(label_root):
             raise DataError(f'token-label folder {label_root} does not exist')
         self.label_paths = [label_path(label_root, p, root) for p, _ in self.samples]
+        collisions = label_path_collisions(self.label_paths, [p for p, _ in self.samples])
+        if collisions:
+            raise DataError(f'{root}: ' + describe_collisions(collisions))
         missing = [p for p in self.label_paths if not os.path.isfile(p)]
         if missing:
             shown = '\n  '.join(missing[:5])
             raise DataError(f'{len(missing)} of {len(self.samples)} images under {root} have no token-label '
                             f'file in {label_root}; first missing:\n  {shown}')
+        # the first map fixes the size every other one must have (checked when each is read)
+        self.label_size = tuple(load_label_map(self.label_paths[0], num_classes).shape[2:])
 
     def __getitem__(self, index):
         index, img = self._readable(index)
-        label_map = load_label_map(self.label_paths[index])
+        label_map = load_label_map(self.label_paths[index], self.num_classes, self.label_size)
         class_index = self.samples[index][1]
         if self.transform is None:
             box = (0., 0., 1., 1.)

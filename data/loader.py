@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.data.loader import PrefetchLoader, _worker_init
 
 from .augment_compat import fix_posterize
-from .dataset import ImageFolderDataset
+from .dataset import ImageFolderDataset, collate_readable
 from .transforms import TokenLabelTrainTransform
 
 
@@ -55,13 +55,17 @@ def create_token_label_loader(dataset, input_size, batch_size, is_training=True,
 
 
 def create_eval_loader(root, img_size, batch_size, crop_pct, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
-                       std=IMAGENET_DEFAULT_STD, num_workers=1, distributed=False, pin_memory=False, device=None):
+                       std=IMAGENET_DEFAULT_STD, num_workers=1, distributed=False, pin_memory=False, device=None,
+                       class_to_idx=None):
     """Resize the short side to floor(img_size / crop_pct), centre-crop img_size (zero-padded when
-    crop_pct > 1), normalise on the device."""
+    crop_pct > 1), normalise on the device. class_to_idx: the training classes' indices (see
+    eval_class_indices); default the folder's own. Unreadable images are skipped and not counted."""
     dataset = ImageFolderDataset(root, transform=create_transform(
-        img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct, use_prefetcher=True))
+        img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct, use_prefetcher=True),
+        class_to_idx=class_to_idx, skip_unreadable=True)
     return wrap_loader(dataset, batch_size, is_training=False, device=device, num_workers=num_workers,
-                       distributed=distributed, pin_memory=pin_memory, persistent_workers=False, mean=mean, std=std)
+                       distributed=distributed, pin_memory=pin_memory, persistent_workers=False, mean=mean, std=std,
+                       collate_fn=collate_readable)
 
 
 def create_train_loader(root, img_size, batch_size, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.), hflip=0.5, vflip=0.,

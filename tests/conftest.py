@@ -3,3 +3,14 @@ import os
 # Triton kernels run on CPU tensors only in Triton's interpreter, chosen when triton is first
 # imported (torch imports it): set before any test module imports torch.
 os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def shapes(tmp_path_factory):
+    """The generated 3-class shapes dataset with token labels, built once for the whole session
+    (tests that change it work on a copy)."""
+    from data.synthetic import make_shapes_dataset
+    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_classes=3, train_per_class=8,
+                               val_per_class=4, img_size=40, label_size=6)

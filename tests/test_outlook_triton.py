@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 
 pytest.importorskip('triton', reason='Triton ships with the Linux CUDA wheels of torch')

@@ -72,3 +72,12 @@ def test_one_function_picks_the_outlook_attention_implementation():
     choosers = [os.path.relpath(p, REPO) for p, text in sources.items()
                 if 'fused_kernels_work(' in text and not p.endswith('outlook_triton.py')]
     assert choosers == []
+
+
+def test_ci_runs_readme_test_command():
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    block = readme.split('```bash', 1)[1].split('```', 1)[0]
+    commands = [line.split('#')[0].strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2 and commands[0].endswith('python demo.py')
+    ci = [line.strip() for line in open(os.path.join(REPO, '.ci', 'run')) if line.strip() and not line.startswith('#')]
+    assert ci[-1] == commands[1]

@@ -3,10 +3,8 @@ import glob
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,19 +14,12 @@ import main as train_script
 import models
 import utils.checkpoint
 import validate as validate_script
+from tests.training_runs import FAST
+from tests.training_runs import run_fast as _run
 from data.synthetic import make_shapes_dataset
 from utils import load_pretrained_weights, safe_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a small run: volo_d1 at 32 px (2x2 tokens), 3 steps an epoch
-FAST = ['--model', 'volo_d1', '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
-        '--lr', '5e-4', '-j', '0', '--log-interval', '1', '--aa', '', '--reprob', '0']
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_classes=3, train_per_class=8,
-                               val_per_class=4, img_size=40, label_size=6)
 
 
 @pytest.fixture(scope='module')
@@ -39,10 +30,6 @@ def shapes_five(tmp_path_factory):
 
 def _token_args(shapes, size=2):
     return ['--token-label', '--token-label-size', str(size), '--token-label-data', os.path.join(shapes, 'labels')]
-
-
-def _run(shapes, out, *extra):
-    return train_script.main([shapes, *FAST, '--output', str(out), *extra])
 
 
 def _summary(run_dir):
@@ -118,54 +105,6 @@ def test_yaml_config_and_command_line_precedence(shapes, tmp_path):
     cfg.write_text(yaml.safe_dump({'epochz': 1}))
     with pytest.raises(SystemExit):
         train_script.parse_args([shapes, '-c', str(cfg)])
-
-
-def test_atomic_checkpoint_survives_crash_during_save(shapes, tmp_path, monkeypatch):
-    run = _run(shapes, tmp_path, '--epochs', '1')
-    before = open(os.path.join(run, 'last.pth.tar'), 'rb').read()
-    real_save = torch.save
-
-    def dying_save(obj, path, *a, **k):
-        with open(path, 'wb') as f:
-            f.write(b'half a checkpoint')
-        raise KeyboardInterrupt('killed while saving')
-
-    monkeypatch.setattr(torch, 'save', dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        _run(shapes, tmp_path, '--epochs', '2', '--resume', os.path.join(run, 'last.pth.tar'))
-    monkeypatch.setattr(torch, 'save', real_save)
-    assert open(os.path.join(run, 'last.pth.tar'), 'rb').read() == before
-    for path in glob.glob(os.path.join(run, '*.pth.tar')):
-        safe_load(path)  # every checkpoint file is complete
-    assert not glob.glob(os.path.join(run, '*.partial'))  # the half-written file was removed
-    _run(shapes, tmp_path, '--epochs', '2', '--resume', 'auto')
-    assert [r['epoch'] for r in _summary(run)] == ['0', '1']
-
-
-def test_sigkill_then_resume_auto(shapes, tmp_path):
-    out = tmp_path / 'out'
-    cmd = [sys.executable, os.path.join(REPO, 'main.py'), shapes, *FAST, '--output', str(out), '--epochs', '3',
-           *_token_args(shapes)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    deadline = time.time() + 240
-    lines = []
-    while time.time() < deadline:  # wait until epoch 1 is under way, then kill
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith('Train: 1 [   1/'):
-            break
-        assert line or proc.poll() is None, ''.join(lines)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run = glob.glob(str(out / 'train' / '*'))[0]
-    assert [r['epoch'] for r in _summary(run)] == ['0']
-    done = subprocess.run(cmd + ['--resume', 'auto'], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert 'continuing at epoch 1' in done.stderr + done.stdout
-    assert [r['epoch'] for r in _summary(run)] == ['0', '1', '2']
-    for path in glob.glob(os.path.join(run, '*.pth.tar')):
-        safe_load(path)
-    assert safe_load(os.path.join(run, 'last.pth.tar'))['epoch'] == 2
 
 
 def test_distributed_train_sh_on_cpu(shapes, tmp_path):

@@ -11,7 +11,6 @@ from timm.models import visformer as timm_visformer
 import main as train_script
 import models
 import validate as validate_script
-from data.synthetic import make_shapes_dataset
 from models import visformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,12 +104,6 @@ def test_timm_conventions(tmp_path):
     assert torch.equal(loaded.pos_embed2, source.pos_embed2)
     with pytest.raises(ValueError, match='no released weights'):
         timm.create_model('visformer_tiny_v2', pretrained=True)
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_classes=3, train_per_class=8,
-                               val_per_class=4, img_size=40, label_size=6)
 
 
 def test_train_with_mixup_then_validate(shapes, tmp_path, caplog):

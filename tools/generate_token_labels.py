@@ -12,6 +12,7 @@ img_size (the map then covers the whole image, as the training pipeline assumes)
 already exist are skipped, so an interrupted run resumes.
 """
 import argparse
+import glob
 import logging
 import math
 import os
@@ -26,8 +27,10 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import models  # noqa: F401
-from data.dataset import ImageFolderDataset, find_split, label_path
-from utils import load_pretrained_weights
+from data.dataset import (DataError, ImageFolderDataset, describe_collisions, find_split, label_path,
+                          label_path_collisions)
+from utils import CheckpointError, load_pretrained_weights
+from utils.log import setup_logging
 
 _logger = logging.getLogger('generate_token_labels')
 MAX_FP16_INDEX = 2048  # largest integer a half tensor holds exactly
@@ -76,6 +79,15 @@ def dense_logits(model, x):
     raise ValueError(f'cannot make dense predictions from features of shape {tuple(feats.shape)}')
 
 
+def remove_stale_temporaries(output):
+    """Label files a killed run left under their temporary names (`<name>.pt.tmp<pid>`)."""
+    stale = glob.glob(os.path.join(output, '*', '*.pt.tmp*'))
+    for path in stale:
+        os.remove(path)
+    if stale:
+        _logger.info('removed %d unfinished label file(s) of an earlier run', len(stale))
+
+
 def save_atomic(tensor, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
@@ -117,10 +129,14 @@ def build_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    setup_logging()
     root = find_split(args.data, args.split)
     folder = ImageFolderDataset(root)
     paths = [label_path(args.output, p, root) for p, _ in folder.samples]
+    collisions = label_path_collisions(paths, [p for p, _ in folder.samples])
+    if collisions:
+        raise DataError(describe_collisions(collisions))
+    remove_stale_temporaries(args.output)
     pending = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
     _logger.info('%d images, %d already labelled, %d to do', len(paths), len(paths) - len(pending), len(pending))
     if not pending:
@@ -149,5 +165,13 @@ def main(argv=None):
     return 0
 
 
+def cli(argv=None):
+    try:
+        return main(argv)
+    except (DataError, CheckpointError, ValueError) as e:
+        _logger.error('%s', e)
+        return 2
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli())

@@ -48,9 +48,33 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
+def describe_non_checkpoint(path: str) -> Optional[str]:
+    """What a file looks like when it is not a PyTorch checkpoint (zip archive or legacy pickle),
+    from its first bytes; None when it may be one."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if not head:
+        return 'an empty file'
+    if head.startswith(b'PK\x03\x04') or head.startswith(b'\x80'):
+        return None  # torch.save's zip archive, or its legacy pickle format
+    if head.startswith(b'\x1f\x8b'):
+        return 'gzip-compressed data'
+    stripped = head.lstrip()
+    if stripped[:1] in (b'{', b'['):
+        return 'JSON text'
+    try:
+        head.decode('utf-8')
+        return 'a text file'
+    except UnicodeDecodeError:
+        return 'unrecognised binary data'
+
+
 def safe_load(path: str):
     """torch.load in weights-only mode with the allow-list above; code in a pickle never runs."""
     path = resolve_checkpoint_path(path)
+    looks_like = describe_non_checkpoint(path)
+    if looks_like is not None:
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint: it looks like {looks_like}')
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -62,8 +86,9 @@ def safe_load(path: str):
             f'refused to load {path}: it needs unpickling beyond tensors, containers and argparse.Namespace '
             f'({reason}). Nothing in it was executed. If you trust the file, convert it to a plain state_dict '
             f'with torch.load(..., weights_only=False) yourself.') from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f'cannot read checkpoint {path}: {e}') from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f'cannot read checkpoint {path} (truncated or not a PyTorch checkpoint): '
+                              f'{type(e).__name__}: {e}') from None
 
 
 def extract_state_dict(checkpoint, use_ema: bool = False, path: str = '<checkpoint>') -> Dict[str, torch.Tensor]:
@@ -92,6 +117,7 @@ class CheckpointContents(NamedTuple):
     path: str                      # the file that was read
     state_dict: Dict[str, torch.Tensor]
     train_args: Optional[dict]     # the training arguments (checkpoint's `args`, or the run's args.yaml)
+    class_names: Optional[list]    # the training classes, in index order, when the checkpoint records them
 
 
 def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointContents:
@@ -109,7 +135,17 @@ def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointCo
             with open(args_yaml) as f:
                 loaded = yaml.safe_load(f)
             train_args = loaded if isinstance(loaded, dict) else None
-    return CheckpointContents(path, state_dict, train_args)
+    class_names = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
+    return CheckpointContents(path, state_dict, train_args, list(class_names) if class_names else None)
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], path: str):
+    """A state dict holding NaN or Inf weights is an error naming the tensors."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise CheckpointError(f'{path} holds non-finite (NaN or Inf) weights in {len(bad)} tensor(s): {shown}. '
+                              f'Pass allow_non_finite=True (validate.py: --allow-non-finite) to load it anyway.')
 
 
 def read_state_dict(checkpoint_path: str, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
@@ -134,29 +170,33 @@ def _describe(model, state_dict):
 
 
 def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, strict: bool = True,
-                            num_classes: Optional[int] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None):
+                            num_classes: Optional[int] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                            allow_non_finite: bool = False, adapt: bool = True):
     """Load a release or training checkpoint into `model`.
 
     The model file's `checkpoint_filter_fn` adapts the state dict (pos_embed resized to the model's
     grid). A classifier of another class count is an error unless `num_classes` (the model's) is
     given or strict=False: then the heads stay as initialised. `state_dict`: the checkpoint's,
-    already read by read_checkpoint, so that a large file is not read twice. Returns torch's
-    (missing, unexpected) keys.
+    already read by read_checkpoint, so that a large file is not read twice. NaN or Inf weights are
+    an error unless allow_non_finite. adapt=False (resuming) loads the file exactly as it is: no
+    resizing, no fresh heads. Returns torch's (missing, unexpected) keys.
     """
     if state_dict is None:
         path, state_dict = read_state_dict(checkpoint_path, use_ema=use_ema)
     else:
         path, state_dict = checkpoint_path, dict(state_dict)
+    if not allow_non_finite:
+        check_finite(state_dict, path)
     model_classes = getattr(model, 'num_classes', None)
     if num_classes is not None and model_classes is not None and num_classes != model_classes:
         raise ValueError(f'num_classes={num_classes} but the model was built with {model_classes} classes')
-    filter_fn = _model_file_hook(model, 'checkpoint_filter_fn')
+    filter_fn = _model_file_hook(model, 'checkpoint_filter_fn') if adapt else None
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     model_state = model.state_dict()
 
     # classifier heads whose class count differs: fresh heads, asked for explicitly
-    head_keys = [k for k in state_dict if k.split('.')[0] in _classifier_names(model) and k in model_state
+    head_keys = [k for k in state_dict if adapt and k.split('.')[0] in _classifier_names(model) and k in model_state
                  and state_dict[k].ndim >= 1 and state_dict[k].shape[0] != model_state[k].shape[0]]
     mismatched = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
                   if k in model_state and k not in head_keys and v.shape != model_state[k].shape]
@@ -208,7 +248,9 @@ def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_
         checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
         raise CheckpointError(f'{path} is not a training checkpoint (needs state_dict and epoch to resume)')
-    model.load_state_dict(extract_state_dict(checkpoint, path=path), strict=True)
+    state_dict = extract_state_dict(checkpoint, path=path)
+    check_finite(state_dict, path)
+    load_pretrained_weights(model, path, strict=True, state_dict=state_dict, adapt=False)  # one-line mismatch message
     if optimizer is not None:
         if 'optimizer' not in checkpoint:
             raise CheckpointError(f'{path} holds no optimizer state; use --no-resume-opt to resume without it')

@@ -5,6 +5,7 @@ model_best, checkpoint-<epoch>) gets a hard link of it (a copy where links are n
 which is then moved into place with one `os.replace`. A crash at any moment leaves every name
 either its previous complete file or the new complete one; nothing is unlinked first.
 """
+import errno
 import logging
 import os
 import shutil
@@ -30,6 +31,14 @@ def replace_with_copy_of(source: str, target: str):
     os.replace(staging, target)
 
 
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint; the earlier checkpoints are untouched."""
+
+
+def _disk_full(e):
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class CheckpointSaver:
     """last.pth.tar every epoch, model_best.pth.tar for the best metric, the `max_history` best
     checkpoint-<epoch>.pth.tar, and recovery-<epoch>-<step>.pth.tar on request. The checkpoints
@@ -37,15 +46,17 @@ class CheckpointSaver:
     amp_scaler, state_dict_ema, metric) plus `saver`, this object's history, restored on resume."""
 
     def __init__(self, model, optimizer, args, checkpoint_dir, model_ema=None, amp_scaler=None,
-                 decreasing=False, max_history=10):
+                 decreasing=False, max_history=10, extra=None):
         self.model, self.optimizer, self.args = model, optimizer, args
         self.model_ema, self.amp_scaler = model_ema, amp_scaler
         self.checkpoint_dir = checkpoint_dir
+        self.extra = dict(extra or {})  # saved in every checkpoint (e.g. class_names)
         self.decreasing = decreasing
         self.max_history = max_history
         self.history: List[Tuple[str, float]] = []  # (file name, metric), best first
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
+        self.summary_rows: List[dict] = []  # summary.csv's rows, kept in every checkpoint to rebuild it
 
     def _better(self, a, b):
         return b is None or (a < b if self.decreasing else a > b)
@@ -56,8 +67,9 @@ class CheckpointSaver:
         self.history = [(name, float(metric)) for name, metric in state.get('history', [])
                         if os.path.isfile(os.path.join(self.checkpoint_dir, name))]
         self.best_metric, self.best_epoch = state.get('best_metric'), state.get('best_epoch')
+        self.summary_rows = [dict(row) for row in state.get('summary', [])]
 
-    def _state(self, epoch, metric, history, best):
+    def _state(self, epoch, metric, history, best, summary_rows):
         model = unwrap_model(self.model)
         state = {'epoch': epoch, 'arch': type(model).__name__.lower(), 'state_dict': model.state_dict(),
                  'optimizer': self.optimizer.state_dict(), 'version': 2, 'args': self.args}
@@ -67,22 +79,35 @@ class CheckpointSaver:
             state['state_dict_ema'] = unwrap_model(self.model_ema).state_dict()
         if metric is not None:
             state['metric'] = float(metric)
-        state['saver'] = {'history': history, 'best_metric': best[0], 'best_epoch': best[1]}
+        state.update(self.extra)
+        state['saver'] = {'history': history, 'best_metric': best[0], 'best_epoch': best[1],
+                          'summary': summary_rows}
         return state
 
     def _write(self, state, path):
-        """torch.save under a temporary name; the caller moves it into place."""
+        """torch.save under a temporary name; the caller moves it into place. Nothing partial stays
+        behind when it fails; a full disk is said in plain words with the file's name."""
         staging = path + PARTIAL
         try:
-            torch.save(state, staging)
-        except BaseException:
+            with open(staging, 'wb') as f:  # a Python file: a full disk raises OSError(ENOSPC)
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
             if os.path.exists(staging):
                 os.remove(staging)
+            if _disk_full(e):
+                raise DiskFullError(e.errno, f'no space left on device while writing {staging}; the earlier '
+                                             f'checkpoints in {self.checkpoint_dir} are kept') from None
             raise
         return staging
 
-    def save_checkpoint(self, epoch: int, metric: Optional[float] = None):
-        """Write this epoch's checkpoints; returns (best metric, best epoch)."""
+    def save_checkpoint(self, epoch: int, metric: Optional[float] = None, summary_row: Optional[dict] = None):
+        """Write this epoch's checkpoints (holding the summary rows so far, this epoch's included);
+        returns (best metric, best epoch)."""
+        summary_rows = [r for r in self.summary_rows if int(r['epoch']) < epoch]
+        if summary_row is not None:
+            summary_rows.append(dict(summary_row))
         name = f'checkpoint-{epoch}.pth.tar'
         history = [(n, m) for n, m in self.history if n != name]
         keep = metric is not None and self.max_history > 0 and (
@@ -97,7 +122,7 @@ class CheckpointSaver:
             best = (float(metric), epoch)
 
         last = os.path.join(self.checkpoint_dir, 'last.pth.tar')
-        staging = self._write(self._state(epoch, metric, history, best), last)
+        staging = self._write(self._state(epoch, metric, history, best, summary_rows), last)
         if keep and any(n == name for n, _ in history):
             replace_with_copy_of(staging, os.path.join(self.checkpoint_dir, name))
         if new_best:
@@ -107,7 +132,7 @@ class CheckpointSaver:
             path = os.path.join(self.checkpoint_dir, old_name)
             if os.path.exists(path):
                 os.remove(path)
-        self.history = history
+        self.history, self.summary_rows = history, summary_rows
         self.best_metric, self.best_epoch = best
         if history:
             _logger.info('Kept checkpoints (%s): %s', 'lowest first' if self.decreasing else 'highest first',
@@ -118,7 +143,7 @@ class CheckpointSaver:
         """A mid-epoch checkpoint; the previous recovery file is removed once this one is complete."""
         path = os.path.join(self.checkpoint_dir, f'recovery-{epoch}-{batch_idx}.pth.tar')
         best = (self.best_metric, self.best_epoch)
-        os.replace(self._write(self._state(epoch, None, self.history, best), path), path)
+        os.replace(self._write(self._state(epoch, None, self.history, best, self.summary_rows), path), path)
         for name in os.listdir(self.checkpoint_dir):
             if name.startswith('recovery-') and name.endswith('.pth.tar') and name != os.path.basename(path):
                 os.remove(os.path.join(self.checkpoint_dir, name))

@@ -1,18 +1,39 @@
-"""summary.csv of a training run: one row per epoch, every write atomic."""
+"""summary.csv of a training run: one row per epoch, every write atomic (a temporary file moved
+into place), so a kill never leaves a partial line. Checkpoints hold the rows too (utils/
+checkpoint_saver.py): a resumed run rewrites summary.csv from them."""
 import csv
 import io
+import logging
 import os
+
+_logger = logging.getLogger(__name__)
 
 
 def read_summary(path):
-    """The rows of a summary file (dicts of strings); [] when it does not exist."""
+    """The rows of a summary file (dicts of strings); blank and malformed lines (a partial last
+    line, for instance) are left out with a warning; [] when it does not exist."""
     if not os.path.isfile(path):
         return []
     with open(path, newline='') as f:
-        return [row for row in csv.DictReader(f) if row.get('epoch', '').strip()]
+        reader = csv.DictReader(line for line in f if line.strip())
+        rows, bad = [], 0
+        for row in reader:
+            try:
+                int(row.get('epoch') or '')
+                complete = None not in row.values() and None not in row
+            except ValueError:
+                complete = False
+            if complete:
+                rows.append(row)
+            else:
+                bad += 1
+    if bad:
+        _logger.warning('%s: left out %d malformed line(s)', path, bad)
+    return rows
 
 
-def _write_rows(path, rows):
+def write_summary(path, rows):
+    """Write all rows (dicts; columns in order of first appearance) atomically."""
     fieldnames = []
     for row in rows:
         fieldnames += [k for k in row if k not in fieldnames]
@@ -31,10 +52,10 @@ def _write_rows(path, rows):
 def append_summary(path, row):
     """Add an epoch's row (replacing an earlier row of the same epoch)."""
     rows = [r for r in read_summary(path) if str(r['epoch']) != str(row['epoch'])]
-    _write_rows(path, rows + [{k: v for k, v in row.items()}])
+    write_summary(path, rows + [dict(row)])
 
 
 def truncate_summary(path, start_epoch):
     """Drop the rows of epochs that a resumed run trains again."""
     if os.path.isfile(path):
-        _write_rows(path, [r for r in read_summary(path) if int(r['epoch']) < start_epoch])
+        write_summary(path, [r for r in read_summary(path) if int(r['epoch']) < start_epoch])

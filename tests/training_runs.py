@@ -1,0 +1,10 @@
+"""Small training runs for the tests: volo_d1 at 32 px (2x2 tokens), 3 steps an epoch."""
+import main as train_script
+
+FAST = ['--model', 'volo_d1', '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
+        '--lr', '5e-4', '-j', '0', '--log-interval', '1', '--aa', '', '--reprob', '0']
+
+
+def run_fast(data, out, *extra):
+    """main.py on `data` with FAST and `extra`; returns the run directory."""
+    return train_script.main([data, *FAST, '--output', str(out), *extra])
