@@ -23,7 +23,7 @@ from data import DataError, DatasetTokenLabel
 from utils import CheckpointError, load_pretrained_weights, safe_load
 from utils.checkpoint_saver import CheckpointSaver, DiskFullError
 from utils.runs import RunLock
-from utils.summary import read_summary
+from utils.summary import read_summary, write_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +45,8 @@ KILL_BEFORE_RENAME = '''
 import os, runpy, signal, sys
 real = os.replace
 def replace(src, dst, *a, **k):
-    if dst.endswith('last.pth.tar') and os.environ['KILL_AT'] in open(os.path.join(os.path.dirname(dst), 'train.log')).read():
-        os.kill(os.getpid(), signal.SIGKILL)  # the new checkpoint is complete under its temporary name
+    if dst.endswith('.pth.tar') and os.environ['KILL_AT'] in open(os.path.join(os.path.dirname(dst), 'train.log')).read():
+        os.kill(os.getpid(), signal.SIGKILL)  # the new checkpoint is complete under its temporary names
     return real(src, dst, *a, **k)
 os.replace = replace
 sys.argv = ['main.py'] + sys.argv[1:]
@@ -54,20 +54,28 @@ runpy.run_path('main.py', run_name='__main__')
 '''
 
 
-def test_kill_before_the_rename_loses_nothing(shapes, tmp_path, caplog):
-    """SIGKILL right after epoch 0's checkpoint is written and before it takes the name last.pth.tar
-    (and before its summary row is written): --resume auto finds the complete checkpoint, and the
-    summary row of epoch 0 comes back from it."""
+def test_kill_before_the_rename_loses_nothing(shapes, tmp_path, caplog, monkeypatch):
+    """SIGKILL right after epoch 0's checkpoint is written and before it takes any name (and before
+    its summary row is written): --resume auto finds the complete file under its temporary name, and
+    the summary row of epoch 0 comes back from it."""
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-c', KILL_BEFORE_RENAME, shapes, *FAST, '--output', str(out), '--epochs', '2']
+    cmd = [sys.executable, '-c', KILL_BEFORE_RENAME, shapes, *FAST, '--output', str(out), '--epochs', '2',
+           '--checkpoint-hist', '0']
     env = dict(os.environ, KILL_AT='Train: 0 [   2/3')
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     run = glob.glob(str(out / 'train' / '*'))[0]
-    assert os.path.isfile(os.path.join(run, 'last.pth.tar.partial'))
-    assert not os.path.exists(os.path.join(run, 'last.pth.tar')) and _epochs(run) == []
+    assert sorted(os.listdir(run)) == ['.lock', 'args.yaml', 'last.pth.tar.partial', 'model_best.pth.tar.partial',
+                                       'train.log']
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:  # the summary is rebuilt as soon as the run resumes
+        patch.setattr(train_script, 'train_one_epoch', interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _run(shapes, out, '--epochs', '2', '--resume', 'auto', '--checkpoint-hist', '0')
+    assert _epochs(run) == ['0']
     with caplog.at_level('INFO'):
-        assert _run(shapes, out, '--epochs', '2', '--resume', 'auto') == run
+        assert _run(shapes, out, '--epochs', '2', '--resume', 'auto', '--checkpoint-hist', '0') == run
     assert f'(the newest complete checkpoint of {run}, epoch 0)' in caplog.text
     assert 'continuing at epoch 1' in caplog.text
     assert _epochs(run) == ['0', '1']
@@ -130,6 +138,18 @@ def test_disk_full_names_the_file_and_keeps_earlier_checkpoints(tmp_path, monkey
         saver.save_checkpoint(1, metric=2.0)
     assert (tmp_path / 'last.pth.tar').read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    # the summary too: the old file stays, nothing partial is left
+    summary = tmp_path / 'summary.csv'
+    write_summary(str(summary), [{'epoch': 0, 'eval_top1': 50.0}])
+    real_fsync = os.fsync
+
+    def full_fsync(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full_fsync)
+    with pytest.raises(DiskFullError, match=r'no space left on device while writing .*summary\.csv\.partial'):
+        write_summary(str(summary), [{'epoch': 0, 'eval_top1': 50.0}, {'epoch': 1, 'eval_top1': 60.0}])
+    monkeypatch.setattr(os, 'fsync', real_fsync)
+    assert [r['epoch'] for r in read_summary(str(summary))] == ['0'] and not (tmp_path / 'summary.csv.partial').exists()
 
 
 # ------------------------------------------------------------------ results that are silently wrong
@@ -152,8 +172,9 @@ def test_validation_classes_come_from_the_training_split(shapes, tmp_path, caplo
     images, targets = next(iter(loader))
     assert set(targets.tolist()) == {1, 2}  # the training indices, not 0 and 1
     with torch.no_grad():
-        expected = 100. * (model.eval()(images).argmax(1) == targets).float().mean().item()
-    assert fewer['top1'] == pytest.approx(expected, abs=1e-3)
+        logits = model.eval()(images)
+    assert fewer['top1'] == pytest.approx(100. * (logits.argmax(1) == targets).float().mean().item(), abs=1e-3)
+    assert fewer['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-4)
     # an extra class is an error before any compute, in training and in validation
     (root / 'val' / 'zebra').mkdir()
     shutil.copy(sorted((root / 'val' / classes[1]).iterdir())[0], root / 'val' / 'zebra' / 'z.png')

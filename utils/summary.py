@@ -2,9 +2,12 @@
 into place), so a kill never leaves a partial line. Checkpoints hold the rows too (utils/
 checkpoint_saver.py): a resumed run rewrites summary.csv from them."""
 import csv
+import errno
 import io
 import logging
 import os
+
+from .checkpoint_saver import DiskFullError
 
 _logger = logging.getLogger(__name__)
 
@@ -42,10 +45,18 @@ def write_summary(path, rows):
     writer.writeheader()
     writer.writerows(rows)
     staging = path + '.partial'
-    with open(staging, 'w', newline='') as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(staging, 'w', newline='') as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if os.path.exists(staging):
+            os.remove(staging)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(e.errno, f'no space left on device while writing {staging}; {path} is kept as '
+                                         f'it was') from None
+        raise
     os.replace(staging, path)
 
 
