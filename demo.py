@@ -32,7 +32,7 @@ def main(argv=None):
     rows = validate_script.main([args.data, '--checkpoint', os.path.join(run_dir, 'model_best.pth.tar'),
                                  '-b', '64', '-j', '2', '--results-file', os.path.join(run_dir, 'validation.json')])
     print(f'\nDemo done: {run_dir}\n  best checkpoint top-1 {rows[0]["top1"]:.1f}% on 4 classes '
-          f'(chance 25%); curves: python tools/plot_summary.py {run_dir}')
+          f'(chance 25%); curves: python -m tools.plot_summary {run_dir}')
     return rows[0]
 
 

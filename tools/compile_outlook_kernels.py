@@ -82,7 +82,10 @@ def specialise(kernel, args, meta):
 
 def ptxas_report(ptx, arch):
     """(registers, spill store bytes, spill load bytes) from `ptxas -v`."""
-    ptxas = get_ptxas(arch).path  # the one Triton itself assembles with
+    try:  # the one Triton itself assembles with (Triton >= 3.5 takes the architecture)
+        ptxas = get_ptxas(arch).path
+    except TypeError:
+        ptxas = get_ptxas().path
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'kernel.ptx')
         with open(path, 'w') as f:
