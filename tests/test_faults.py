@@ -323,7 +323,7 @@ def test_ctrl_c_with_workers_exits_promptly(shapes, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         line = proc.stdout.readline()
-        if line.startswith('Train: 0 [   1/'):
+        if line.startswith('Train: 1 ['):
             break
     proc.send_signal(signal.SIGINT)
     start = time.time()
