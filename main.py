@@ -343,20 +343,20 @@ def build_mixup(args, setup):
 def resolve_classes(args):
     """Check the data folders now; the class count defaults to the training folder's, and the
     validation folder is read with the training split's class list (checked against it).
-    Returns the (train, eval) split folders and the class names."""
+    Returns the (train, eval) split folders, the class names and the evaluation folder's indices."""
     train_root = find_split(args.data_dir, args.train_split)
     eval_root = find_split(args.data_dir, args.val_split)
     class_names = find_classes(train_root)[0]
-    eval_class_indices(eval_root, class_names)
+    eval_classes = eval_class_indices(eval_root, class_names)
     if args.num_classes is None:
         args.num_classes = len(class_names)
         _logger.info('%d classes in %s', len(class_names), train_root)
     elif args.num_classes < len(class_names):
         raise UsageError(f'--num-classes {args.num_classes}, but {train_root} has {len(class_names)} class folders')
-    return train_root, eval_root, class_names
+    return train_root, eval_root, class_names, eval_classes
 
 
-def build_loaders(args, setup, data_config, train_root, eval_root, class_names):
+def build_loaders(args, setup, data_config, train_root, eval_root, eval_classes):
     interpolation = args.train_interpolation or data_config['interpolation']
     common = dict(num_workers=args.workers, distributed=setup.distributed, pin_memory=args.pin_mem,
                   device=setup.device, mean=data_config['mean'], std=data_config['std'])
@@ -375,7 +375,7 @@ def build_loaders(args, setup, data_config, train_root, eval_root, class_names):
                                     **augment, **common)
     eval_loader = create_eval_loader(eval_root, img_size, args.validation_batch_size_multiplier * args.batch_size,
                                      crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
-                                     class_to_idx=eval_class_indices(eval_root, class_names), **common)
+                                     class_to_idx=eval_classes, **common)
     return train, eval_loader
 
 
@@ -472,13 +472,13 @@ def main(argv=None):
             args.resume, resumed = promote(found.path), found.checkpoint
             _logger.info('--resume auto: %s (the newest complete checkpoint of %s, epoch %d)', args.resume,
                          found.run_dir, resumed['epoch'])
-    train_root, eval_root, class_names = resolve_classes(args)
+    train_root, eval_root, class_names, eval_classes = resolve_classes(args)
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
     check_token_labels(args, model, setup)
     data_config = resolve_data_config(vars(args), model=model, verbose=setup.rank == 0)
-    loader_train, loader_eval = build_loaders(args, setup, data_config, train_root, eval_root, class_names)
+    loader_train, loader_eval = build_loaders(args, setup, data_config, train_root, eval_root, eval_classes)
     if len(loader_train) == 0:
         per_process = len(loader_train.dataset) // setup.world_size
         raise UsageError(f'-b {args.batch_size} is larger than the {per_process} training images per process: '

@@ -194,8 +194,8 @@ def write_results(rows, path):
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
-    log_file = args.log_file or (args.checkpoint and run_directory(args.checkpoint) and
-                                 os.path.join(run_directory(args.checkpoint), 'validate.log'))
+    run_dir = run_directory(args.checkpoint) if args.checkpoint else None
+    log_file = args.log_file or (run_dir and os.path.join(run_dir, 'validate.log'))
     if log_file:
         log_to_file(log_file)
     if args.results_file and not args.results_file.endswith(('.csv', '.json')):

@@ -18,6 +18,7 @@ import main as train_script
 import models
 import validate as validate_script
 from tests.training_runs import FAST
+from tests.training_runs import copy_with_unreadable_image
 from tests.training_runs import run_fast as _run
 from data import DataError, DatasetTokenLabel
 from utils import CheckpointError, load_pretrained_weights, safe_load
@@ -304,10 +305,7 @@ def test_validate_reports_bad_inputs_clearly(shapes, tmp_path, caplog):
 
 
 def test_corrupt_validation_image_is_skipped_not_replaced(shapes, tmp_path, caplog):
-    root = tmp_path / 'data'
-    shutil.copytree(shapes, root)
-    victim = sorted((root / 'val').rglob('*.png'))[0]
-    victim.write_bytes(b'not an image')
+    root, victim = copy_with_unreadable_image(shapes, tmp_path / 'data', 'val')
     with caplog.at_level('INFO'):
         rows = validate_script.main([str(root), '--model', 'volo_d1', '--img-size', '32', '--num-classes', '3',
                                      '-j', '0', '-b', '4'])

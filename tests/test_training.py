@@ -15,6 +15,7 @@ import models
 import utils.checkpoint
 import validate as validate_script
 from tests.training_runs import FAST
+from tests.training_runs import copy_with_unreadable_image
 from tests.training_runs import run_fast as _run
 from data.synthetic import make_shapes_dataset
 from utils import load_pretrained_weights, safe_load
@@ -221,11 +222,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(shapes, tmp_path, caplog):
 
 
 def test_corrupt_training_image_is_skipped(shapes, tmp_path, caplog):
-    import shutil
-    root = tmp_path / 'data'
-    shutil.copytree(shapes, root)
-    victim = sorted((root / 'train').rglob('*.png'))[2]
-    victim.write_bytes(b'not an image')
+    root, victim = copy_with_unreadable_image(shapes, tmp_path / 'data', 'train', index=2)
     with caplog.at_level('WARNING'):
         run = train_script.main([str(root), *FAST, '--output', str(tmp_path), '--epochs', '1',
                                  '--token-label', '--token-label-size', '2', '--token-label-data',

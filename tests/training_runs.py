@@ -8,3 +8,13 @@ FAST = ['--model', 'volo_d1', '--img-size', '32', '-b', '8', '--warmup-epochs', 
 def run_fast(data, out, *extra):
     """main.py on `data` with FAST and `extra`; returns the run directory."""
     return train_script.main([data, *FAST, '--output', str(out), *extra])
+
+
+def copy_with_unreadable_image(data, dest, split, index=0):
+    """A copy of the dataset at `dest` whose `index`-th image of `split` is not an image; returns
+    (copy root, that file)."""
+    import shutil
+    shutil.copytree(data, dest)
+    victim = sorted((dest / split).rglob('*.png'))[index]
+    victim.write_bytes(b'not an image')
+    return dest, victim

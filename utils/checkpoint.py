@@ -248,9 +248,9 @@ def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_
         checkpoint = safe_load(path)
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
         raise CheckpointError(f'{path} is not a training checkpoint (needs state_dict and epoch to resume)')
-    state_dict = extract_state_dict(checkpoint, path=path)
-    check_finite(state_dict, path)
-    load_pretrained_weights(model, path, strict=True, state_dict=state_dict, adapt=False)  # one-line mismatch message
+    # exactly as saved (no resizing, no fresh heads); non-finite weights and mismatches are one-line errors
+    load_pretrained_weights(model, path, strict=True, state_dict=extract_state_dict(checkpoint, path=path),
+                            adapt=False)
     if optimizer is not None:
         if 'optimizer' not in checkpoint:
             raise CheckpointError(f'{path} holds no optimizer state; use --no-resume-opt to resume without it')

@@ -60,12 +60,6 @@ def write_summary(path, rows):
     os.replace(staging, path)
 
 
-def append_summary(path, row):
-    """Add an epoch's row (replacing an earlier row of the same epoch)."""
-    rows = [r for r in read_summary(path) if str(r['epoch']) != str(row['epoch'])]
-    write_summary(path, rows + [dict(row)])
-
-
 def truncate_summary(path, start_epoch):
     """Drop the rows of epochs that a resumed run trains again."""
     if os.path.isfile(path):
