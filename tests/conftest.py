@@ -3,6 +3,11 @@ import os
 # Triton kernels run on CPU tensors only in Triton's interpreter, chosen when triton is first
 # imported (torch imports it): set before any test module imports torch.
 os.environ.setdefault('TRITON_INTERPRET', '1')
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n 2 (pytest.ini) on 2 cores: one thread per worker process, no oversubscription
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    import torch
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

@@ -269,7 +269,8 @@ def test_non_finite_weights_are_an_error_naming_the_tensors(tmp_path):
 
 @pytest.mark.parametrize('content,looks_like', [
     (b'', 'an empty file'), (b'hello, not a checkpoint\n', 'a text file'), (bytes(range(7, 250)), 'binary data'),
-    (gzip.compress(b'abc'), 'gzip-compressed data'), (json.dumps({'a': 1}).encode(), 'JSON text')])
+    (gzip.compress(b'abc', mtime=0), 'gzip-compressed data'), (json.dumps({'a': 1}).encode(), 'JSON text')],
+    ids=['empty', 'text', 'random', 'gzip', 'json'])
 def test_files_that_are_not_checkpoints(tmp_path, content, looks_like):
     path = tmp_path / 'x.pth.tar'
     path.write_bytes(content)
