@@ -14,13 +14,11 @@ import glob
 import logging
 import os
 import random
-import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
@@ -42,21 +40,15 @@ from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCr
                   TokenLabelSoftTargetCrossEntropy)
 from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint, safe_load
 from utils.checkpoint_saver import CheckpointSaver, DiskFullError
+from utils.cli import NonFiniteLoss, UsageError, run_cli
 from utils.config import ConfigError, non_negative_int, positive_int, read_config_defaults
 from utils.evaluation import evaluate
 from utils.log import log_to_file, setup_logging
 from utils.runs import ResumeError, RunLock, find_resume_checkpoint, promote
+from utils.runtime import DeviceError, init_distributed, native_amp
 from utils.summary import truncate_summary, write_summary
 
 _logger = logging.getLogger('train')
-
-
-class UsageError(ValueError):
-    """A setting that cannot work, reported before any compute starts."""
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def get_parsers():
@@ -210,22 +202,11 @@ class Setup:
 
 
 def setup_distributed(args):
-    """torchrun's env:// rendezvous when WORLD_SIZE > 1: NCCL on GPUs, gloo on CPUs."""
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    rank = int(os.environ.get('RANK', 0))
-    local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
-    use_cuda = torch.cuda.is_available() if args.device is None else args.device.startswith('cuda')
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError('--device cuda was asked for but no CUDA device is available')
-    if use_cuda:
-        device = torch.device(f'cuda:{local_rank}')
-        torch.cuda.set_device(local_rank)
-    else:
-        device = torch.device('cpu')
-    if world_size > 1:
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method='env://')
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        _logger.info('Process %d of %d on %s', rank, world_size, device)
+    """torchrun's env:// rendezvous when WORLD_SIZE > 1 (utils/runtime.py)."""
+    try:
+        device, rank, world_size = init_distributed(args.device, args.local_rank)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
     return Setup(device=device, rank=rank, world_size=world_size, distributed=world_size > 1,
                  token_label_maps=bool(args.token_label and args.token_label_data))
 
@@ -243,11 +224,8 @@ def resolve_amp(args, device):
             _logger.warning('--apex-amp: apex needs CUDA; using native torch.amp instead')
         except ImportError:
             _logger.warning('--apex-amp: NVIDIA apex is not installed; using native torch.amp instead')
-    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' or device.type == 'cpu' else torch.float16
-    if device.type == 'cpu' and args.amp_dtype == 'float16':
-        _logger.info('mixed precision on CPU runs in bfloat16')
-    scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
-    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler, 'native'
+    autocast, scaler = native_amp(device, args.amp_dtype)
+    return autocast, scaler, 'native'
 
 
 def has_dense_head(model):
@@ -608,16 +586,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError) as e:
-        _logger.error('%s', e)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _logger.error('interrupted: the checkpoints of completed epochs are kept; continue with --resume auto')
-        sys.exit(130)
+    run_cli(main, argv, (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError), _logger,
+            'interrupted: the checkpoints of completed epochs are kept; continue with --resume auto')
 
 
 if __name__ == '__main__':

@@ -5,3 +5,6 @@ from .dataset import (DataError, DatasetTokenLabel, ImageFolderDataset, create_t
 from .loader import create_eval_loader, create_token_label_loader, create_train_loader, wrap_loader
 from .token_label import TokenLabelMixup, create_token_label_target, pack_sample_target
 from .transforms import LabelAwareRandAugment, TokenLabelTrainTransform
+from .seg_dataset import (ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_TRAIN_IDS, DATASET_KINDS, TEST_SCALES,
+                          SegmentationDataset, build_seg_dataset)
+from .seg_transforms import SegEvalTransform, SegTrainTransform

@@ -5,6 +5,10 @@ self-attention (1x1-conv projections) in the last two. v1 (`visformer_tiny`, `vi
 has three stages with timm's state-dict keys, so its weights load unchanged; v2 (MindCV's
 `visformer_tiny_v2`, `visformer_small_v2`) has four. q and k are each scaled by
 head_dim ** qk_scale_exponent before their product, which keeps fp16 logits in range.
+
+Dense features (timm's `forward_intermediates` / `feature_info` / `features_only`) are the stage
+outputs (v1: strides 8, 16, 32; v2: 4, 8, 16, 32); position embeddings are resized (bicubic) on the
+fly for inputs of another size.
 """
 import warnings
 
@@ -15,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import get_pretrained_cfg, load_pretrained, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
 
 __all__ = ['Visformer', 'visformer_tiny', 'visformer_small', 'visformer_tiny_v2', 'visformer_small_v2']
 
@@ -115,7 +120,8 @@ class Visformer(nn.Module):
             raise ValueError('stage_dims, patch_sizes, depths, num_heads, attn_stage and spatial_conv need one '
                              'entry per stage')
         stride = 2 * int(torch.tensor(patch_sizes).prod())
-        if img_size % stride:
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_h % stride or img_w % stride:
             raise ValueError(f'img_size {img_size} must be a multiple of {stride}')
         self.num_classes = num_classes
         self.num_features = stage_dims[-1]
@@ -128,12 +134,15 @@ class Visformer(nn.Module):
             nn.ReLU(inplace=True))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        size, in_dim, block = img_size // 2, init_channels, 0
+        reduction, in_dim, block = 2, init_channels, 0
+        self.feature_info = []
         for sid, dim, patch, depth, heads, attn, spatial in zip(self.stage_ids, stage_dims, patch_sizes, depths,
                                                                  num_heads, attn_stage, spatial_conv):
-            size //= patch
+            reduction *= patch
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stage{sid}'))
             setattr(self, f'patch_embed{sid}', PatchEmbed(in_dim, dim, patch))
-            setattr(self, f'pos_embed{sid}', nn.Parameter(torch.zeros(1, dim, size, size)) if pos_embed else None)
+            grid = (img_h // reduction, img_w // reduction)
+            setattr(self, f'pos_embed{sid}', nn.Parameter(torch.zeros(1, dim, *grid)) if pos_embed else None)
             setattr(self, f'stage{sid}', nn.Sequential(*[
                 Block(dim, heads, mlp_ratio, attention=attn == '1', spatial_conv=spatial == '1', group=group,
                       qk_scale_exponent=qk_scale_exponent, drop=drop_rate, attn_drop=attn_drop_rate,
@@ -142,6 +151,7 @@ class Visformer(nn.Module):
             block += depth
             in_dim = dim
         self.norm = nn.BatchNorm2d(self.num_features)
+        self.pruned = ()  # state-dict prefixes removed by prune_intermediate_layers
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -178,19 +188,66 @@ class Visformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(self.head)
 
+    def _stage(self, sid, x):
+        x = getattr(self, f'patch_embed{sid}')(x)
+        pos_embed = getattr(self, f'pos_embed{sid}')
+        if pos_embed is not None:
+            if pos_embed.shape[2:] != x.shape[2:]:
+                pos_embed = F.interpolate(pos_embed, size=x.shape[2:], mode='bicubic', align_corners=False)
+            x = self.pos_drop(x + pos_embed)
+        for blk in getattr(self, f'stage{sid}'):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
     def forward_features(self, x):
         x = self.stem(x)
         for sid in self.stage_ids:
-            x = getattr(self, f'patch_embed{sid}')(x)
-            pos_embed = getattr(self, f'pos_embed{sid}')
-            if pos_embed is not None:
-                x = self.pos_drop(x + pos_embed)
-            for blk in getattr(self, f'stage{sid}'):
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, use_reentrant=False)
-                else:
-                    x = blk(x)
+            x = self._stage(sid, x)
         return self.norm(x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
+                              intermediates_only=False):
+        """Stage outputs as (B, C, H, W) maps (timm's convention). indices: stage positions (0 = the
+        first stage), an int n for the last n, None for all. norm: the final BatchNorm on the last
+        stage's map. Returns the list, or (final features, list) unless intermediates_only."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW' (Visformer's maps are channels-first), got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stage_ids), indices)
+        last = max_index if stop_early or intermediates_only else len(self.stage_ids) - 1
+        intermediates = []
+        x = self.stem(x)
+        for i, sid in enumerate(self.stage_ids[:last + 1]):
+            x = self._stage(sid, x)
+            if i in take:
+                is_last = i == len(self.stage_ids) - 1
+                intermediates.append(self.norm(x) if norm and is_last else x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the stages after the last one asked for, the head and (when asked, or when stages
+        were dropped) the final norm; checkpoint_filter_fn then ignores those keys. Returns the kept
+        indices."""
+        take, max_index = feature_take_indices(len(self.stage_ids), indices)
+        pruned = []
+        for sid in self.stage_ids[max_index + 1:]:
+            for name in (f'patch_embed{sid}', f'pos_embed{sid}', f'stage{sid}'):
+                delattr(self, name)
+            pruned += [f'patch_embed{sid}.', f'pos_embed{sid}', f'stage{sid}.']
+        if max_index < len(self.stage_ids) - 1 or prune_norm:
+            self.norm = nn.Identity()
+            pruned.append('norm.')
+        self.stage_ids = self.stage_ids[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.head = nn.Identity()
+            pruned.append('head.')
+        self.pruned = tuple(sorted(set(self.pruned) | set(pruned)))
+        return take
 
     def forward_head(self, x, pre_logits=False):
         x = self.head_drop(x.mean(dim=(2, 3)))
@@ -245,9 +302,11 @@ def checkpoint_variant(state_dict):
 
 
 def checkpoint_filter_fn(state_dict, model):
-    """A checkpoint's state dict adapted to `model`: `module.` stripped, position embeddings
-    resized (bicubic) to the model's grids."""
+    """A checkpoint's state dict adapted to `model`: `module.` stripped, the parts a pruned model
+    (features only) no longer has dropped, position embeddings resized (bicubic) to the model's grids."""
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if getattr(model, 'pruned', ()):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(model.pruned)}
     for sid in model.stage_ids:
         key = f'pos_embed{sid}'
         theirs, ours = state_dict.get(key), getattr(model, key, None)
@@ -262,10 +321,13 @@ def _create(variant, pretrained=False, **kwargs):
     overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
     kwargs.pop('pretrained_cfg', None)
     cache_dir = kwargs.pop('cache_dir', None)
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', None)
+    feature_cfg = kwargs.pop('feature_cfg', None) or {}
     model = Visformer(**{**VARIANTS[variant], **kwargs})
     img_size = kwargs.get('img_size', 224)
     cfg = _cfg(**{**_TIMM_WEIGHTS.get(variant, {}), **overlay})
-    cfg['input_size'] = (3, img_size, img_size)
+    cfg['input_size'] = (3, *((img_size, img_size) if isinstance(img_size, int) else img_size))
     model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
         # a local `file`, a `url` (cached by torch.hub) or timm's hub entry for v1
@@ -273,6 +335,9 @@ def _create(variant, pretrained=False, **kwargs):
             raise ValueError(f'{variant} has no released weights; train it with main.py')
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
                         in_chans=kwargs.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
+    if features_only:
+        indices = tuple(range(len(model.stage_ids))) if out_indices is None else out_indices
+        return FeatureGetterNet(model, out_indices=indices, norm=feature_cfg.get('norm', False))
     return model
 
 

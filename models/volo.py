@@ -2,6 +2,10 @@
 
 State-dict keys and shapes match the released checkpoints. Feature maps are channels-last
 (B, H, W, C) between blocks, as in the reference. Outlook attention lives in layers/.
+
+Dense features (timm's `forward_intermediates` / `feature_info` / `features_only`) are the outputs
+of the four stages: the outlooker stage at stride 8 and the three transformer stages at stride 16.
+Any input whose sides are multiples of 16 works: pos_embed is resized (bicubic) on the fly.
 """
 import math
 from typing import Tuple
@@ -13,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import load_pretrained, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
 
 from layers import OutlookAttention, exporting, needs_grad, resize_pos_embed
 from layers import OUTLOOK_IMPLS, outlook_aggregate  # noqa: F401  (their names in models.volo before layers/)
@@ -269,6 +274,10 @@ class VOLO(nn.Module):
             if downsamples[i]:
                 network.append(Downsample(embed_dims[i], embed_dims[i + 1], 2))
         self.network = nn.ModuleList(network)
+        self.stage_ends = [i for i, m in enumerate(self.network) if isinstance(m, nn.Sequential)]
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=patch_size * (1 if i == 0 else 2),
+                                  module=f'network.{end}') for i, end in enumerate(self.stage_ends)]
+        self.pruned = ()  # state-dict prefixes removed by prune_intermediate_layers
 
         self.post_network = None
         if post_layers:
@@ -328,11 +337,18 @@ class VOLO(nn.Module):
                 x = blk(x)
         return x
 
+    def _add_pos_embed(self, x):
+        """x (B, H, W, C) plus pos_embed, resized (bicubic) when the grid is not the built one."""
+        pos_embed = self.pos_embed
+        if pos_embed.shape[1:3] != x.shape[1:3]:
+            pos_embed = resize_pos_embed(pos_embed, x.shape[1:3])
+        return self.pos_drop(x + pos_embed)
+
     def forward_tokens(self, x):
         """Stem output (B, H, W, C) -> normed tokens (B, [1 +] N, C)."""
         for idx, stage in enumerate(self.network):
             if idx == 2:  # after the downsample: position embedding, then tokens
-                x = self.pos_drop(x + self.pos_embed)
+                x = self._add_pos_embed(x)
                 x = x.flatten(1, 2)
             x = self._run(stage, x) if isinstance(stage, nn.Sequential) else stage(x)
         if x.ndim == 4:
@@ -345,6 +361,61 @@ class VOLO(nn.Module):
     def forward_features(self, x):
         x = self.patch_embed(x).permute(0, 2, 3, 1)
         return self.forward_tokens(x)
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
+                              intermediates_only=False):
+        """Stage outputs as (B, C, H, W) maps (timm's convention). indices: the stages to return
+        (0 = outlooker at stride 8, 1-3 = transformer stages at stride 16), an int n for the last n,
+        None for all. norm: the final LayerNorm on the transformer stages' maps. Returns the list,
+        or (final tokens, list) unless intermediates_only."""
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stage_ends), indices)
+        take_ends = {self.stage_ends[i] for i in take}
+        last = self.stage_ends[max_index] if stop_early or intermediates_only else len(self.network) - 1
+        intermediates = []
+        x = self.patch_embed(x).permute(0, 2, 3, 1)
+        for idx, stage in enumerate(self.network[:last + 1]):
+            if idx == 2:
+                x = self._add_pos_embed(x)
+            grid = x.shape[:3]
+            if idx >= 2:  # transformer blocks act on (B, N, C) tokens
+                x = self._run(stage, x.flatten(1, 2)).reshape(*grid, -1)
+            else:
+                x = self._run(stage, x) if isinstance(stage, nn.Sequential) else stage(x)
+            if idx in take_ends:
+                feat = self.norm(x) if norm and idx >= 2 else x
+                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else feat)
+        if intermediates_only:
+            return intermediates
+        x = x.flatten(1, 2)
+        if self.post_network is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = self._run(self.post_network, x)
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop what the given stage outputs do not need (later stages, class attention and heads,
+        the final norm); a checkpoint's keys for those parts are then ignored by
+        checkpoint_filter_fn. Returns the kept indices."""
+        take, max_index = feature_take_indices(len(self.stage_ends), indices)
+        end = self.stage_ends[max_index]
+        pruned = [f'network.{i}.' for i in range(end + 1, len(self.network))]
+        self.network = self.network[:end + 1]
+        self.stage_ends = self.stage_ends[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if end < 2:
+            self.pos_embed = None
+            pruned.append('pos_embed')
+        if prune_head:
+            self.post_network, self.cls_token, self.aux_head = None, None, None
+            self.head = nn.Identity()
+            pruned += ['post_network.', 'cls_token', 'aux_head.', 'head.']
+        if prune_norm or end < len(self.stage_ends) - 1:
+            self.norm = nn.Identity()
+            pruned.append('norm.')
+        self.pruned = tuple(sorted(set(self.pruned) | set(pruned)))
+        return take
 
     def forward_head(self, x, pre_logits=False):
         if self.return_mean:
@@ -463,8 +534,10 @@ def _volo_signature(shapes):
     stages = tuple(len({k.split('.')[2] for k in shapes if k.startswith(f'network.{stage}.')
                         and k.endswith('norm1.weight')}) for stage in (0, 2, 3, 4))
     fc1 = shapes.get('network.0.0.mlp.fc1.weight', (0, 1))
+    last_stage = max(int(k.split('.')[1]) for k in shapes if k.startswith('network.') and k.endswith('norm1.weight'))
+    last_dim = shapes.get('norm.weight', shapes[f'network.{last_stage}.0.norm1.weight'])[0]
     return (shapes['patch_embed.conv.0.weight'][0], shapes['network.0.0.norm1.weight'][0],
-            shapes.get('norm.weight', (0,))[0], stages, fc1[0] // fc1[1])
+            last_dim, stages, fc1[0] // fc1[1])
 
 
 def checkpoint_variant(state_dict):
@@ -480,9 +553,12 @@ def checkpoint_variant(state_dict):
 
 
 def checkpoint_filter_fn(state_dict, model):
-    """A checkpoint's state dict adapted to `model`: `module.` stripped, pos_embed resized
-    (bicubic) to the model's token grid. Class-count handling is the loader's."""
+    """A checkpoint's state dict adapted to `model`: `module.` stripped, the parts a pruned model
+    (features only) no longer has dropped, pos_embed resized (bicubic) to the model's token grid.
+    Class-count handling is the loader's."""
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if getattr(model, 'pruned', ()):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(model.pruned)}
     theirs, ours = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
     if theirs is not None and ours is not None and theirs.ndim == ours.ndim == 4 and theirs.shape[-1] == ours.shape[-1]:
         state_dict['pos_embed'] = resize_pos_embed(theirs, ours.shape[1:3])
@@ -493,6 +569,9 @@ def _create_volo(variant, pretrained=False, **kwargs):
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     cache_dir = kwargs.pop('cache_dir', None)
+    features_only = kwargs.pop('features_only', False)
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    feature_cfg = kwargs.pop('feature_cfg', None) or {}
     img_size, cfg = _resolve_cfg(variant, kwargs.pop('img_size', None), pretrained_cfg, overlay)
     model_args = dict(VARIANTS[variant], downsamples=(True, False, False, False),
                       outlook_attention=(True, False, False, False))
@@ -503,6 +582,9 @@ def _create_volo(variant, pretrained=False, **kwargs):
         # timm's loader: a local `file`, or the `url` downloaded once into torch.hub's cache
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
                         in_chans=model_args.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
+    if features_only:
+        return FeatureGetterNet(model, out_indices=out_indices, output_fmt=feature_cfg.get('output_fmt', 'NCHW'),
+                                norm=feature_cfg.get('norm', False))
     return model
 
 

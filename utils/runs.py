@@ -79,11 +79,11 @@ def read_run_args(run_dir):
     return saved if isinstance(saved, dict) else None
 
 
-def differences(saved: dict, current: dict):
+def differences(saved: dict, current: dict, extends=EXTENDS_RUN):
     """['key: run X, command Y', ...] for the arguments that make a run another experiment."""
     found = []
     for key in sorted(set(saved) | set(current)):
-        if key in EXTENDS_RUN:
+        if key in extends:
             continue
         ours, theirs = current.get(key), saved.get(key)
         if key in RESOLVED and ours is None:
@@ -95,18 +95,18 @@ def differences(saved: dict, current: dict):
     return found
 
 
-def find_resume_checkpoint(output_root, current_args: dict) -> Optional[Found]:
-    """The newest complete checkpoint of the newest run under output_root/train/ whose recorded
-    arguments match the command's; None when no run has a checkpoint to resume; ResumeError when
-    runs exist but none matches."""
-    runs = [d for d in glob.glob(os.path.join(output_root, 'train', '*')) if os.path.isdir(d)]
+def find_resume_checkpoint(output_root, current_args: dict, kind='train', extends=EXTENDS_RUN) -> Optional[Found]:
+    """The newest complete checkpoint of the newest run under output_root/<kind>/ whose recorded
+    arguments match the command's (those in `extends` may differ); None when no run has a
+    checkpoint to resume; ResumeError when runs exist but none matches."""
+    runs = [d for d in glob.glob(os.path.join(output_root, kind, '*')) if os.path.isdir(d)]
     mismatched = []
     for run_dir in sorted(runs, key=os.path.getmtime, reverse=True):
         files = checkpoint_files(run_dir)
         if not files:
             continue
         saved = read_run_args(run_dir)
-        diff = ['args.yaml missing or unreadable'] if saved is None else differences(saved, current_args)
+        diff = ['args.yaml missing or unreadable'] if saved is None else differences(saved, current_args, extends)
         if diff:
             mismatched.append((run_dir, diff))
             continue

@@ -1,0 +1,28 @@
+"""The exit codes every script's command line shares."""
+import logging
+import sys
+
+import torch.distributed as dist
+
+
+class UsageError(ValueError):
+    """A setting that cannot work, reported before any compute starts."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the checkpoints written so far are kept."""
+
+
+def run_cli(main, argv, errors, logger: logging.Logger, interrupted='interrupted'):
+    """main(argv); an expected error (one of `errors`) is logged in one line and exits with 2, Ctrl-C
+    exits with 130 after `interrupted` is logged. A process group still open is closed first."""
+    try:
+        return main(argv)
+    except errors as e:
+        logger.error('%s', e)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        logger.error(interrupted)
+        sys.exit(130)

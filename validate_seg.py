@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""mIoU / mAcc / aAcc and the per-class table of a segmentor on a dataset's validation split.
+
+    python validate_seg.py /data/ADEChallengeData2016 --dataset ade20k --checkpoint output/train_seg/RUN/ \
+        --mode slide --crop-size 512 512 --stride 341 341
+    python validate_seg.py /data/cityscapes --dataset cityscapes --model volo_d4 --checkpoint seg.pth.tar \
+        --mode slide --crop-size 1024 1024 --stride 768 768 --aug-test --results-file cs.json
+    python validate_seg.py /data/mine --dataset folder --checkpoint RUN/ --save-predictions preds/ --save-overlays ov/
+
+A training checkpoint (or run directory, whose model_best.pth.tar is used) supplies the backbone,
+the dataset kind, the crop size and the class count; the command line overrides the first three
+(said in the output). Metrics are mmseg's: accumulated over the split, ignore pixels excluded,
+classes absent from both labels and predictions skipped; in percent.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset
+from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor
+from utils import CheckpointError, load_pretrained_weights, read_checkpoint
+from utils.cli import UsageError, run_cli
+from utils.config import non_negative_int, positive_int
+from utils.log import log_to_file, setup_logging
+from utils.runtime import DeviceError, native_amp
+from utils.seg_inference import AUG_TEST_RATIOS, check_window, evaluate_segmentation
+from utils.seg_metrics import SegmentationMetric, format_table
+
+_logger = logging.getLogger('validate_seg')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('data', metavar='DIR', help='dataset root in the layout of --dataset')
+    p.add_argument('--dataset', default=None, choices=DATASET_KINDS, help="default: the checkpoint's")
+    p.add_argument('--split', default='val')
+    p.add_argument('--model', default=None, choices=SEGMENTATION_BACKBONES, help="default: the checkpoint's backbone")
+    p.add_argument('--checkpoint', required=True, help='segmentor checkpoint file or train_seg.py run directory')
+    p.add_argument('--mode', default='slide', choices=('whole', 'slide'))
+    p.add_argument('--crop-size', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
+                   help="sliding-window crop (default: the checkpoint's training crop, else 512 512)")
+    p.add_argument('--stride', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='sliding-window stride (default: 2/3 of the crop, rounded up)')
+    p.add_argument('--test-scale', type=positive_int, nargs=2, default=None, metavar=('LONG', 'SHORT'),
+                   help="resize before inference, keeping aspect (default: the dataset's standard scale)")
+    p.add_argument('--aug-test', action='store_true',
+                   help=f'multi-scale ({", ".join(map(str, AUG_TEST_RATIOS))}) and flip test-time augmentation')
+    p.add_argument('--window-batch', type=positive_int, default=4, help='sliding windows run together')
+    p.add_argument('--results-file', default='', help='write the metrics as JSON here')
+    p.add_argument('--save-predictions', default='', metavar='DIR',
+                   help="one index PNG per image, at the label's size, in the dataset's own label space")
+    p.add_argument('--save-overlays', default='', metavar='DIR', help='colour overlays of the predictions')
+    p.add_argument('--use-ema', action='store_true')
+    p.add_argument('--amp', action='store_true', help='mixed precision (torch.amp)')
+    p.add_argument('-j', '--workers', type=non_negative_int, default=2)
+    p.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: CUDA when present)")
+    p.add_argument('--log-file', default='', help='also write the output here')
+    return p.parse_args(argv)
+
+
+def palette(num_classes):
+    """A fixed, well-spread colour per class."""
+    rng = np.random.default_rng(12345)
+    colours = rng.integers(0, 256, size=(max(num_classes, 1), 3), dtype=np.uint8)
+    colours[0] = (120, 120, 120)
+    return colours
+
+
+def make_overlay(image_path, pred, colours, alpha=0.5):
+    """The original image blended with the prediction's class colours (predictions at the label's
+    size, which is the image's)."""
+    with Image.open(image_path) as img:
+        image = np.asarray(img.convert('RGB'), dtype=np.float32)
+    colour = colours[np.minimum(pred, len(colours) - 1)].astype(np.float32)
+    return Image.fromarray((image * (1 - alpha) + colour * alpha).astype(np.uint8))
+
+
+def resolve_settings(args, contents):
+    """(backbone, dataset kind, crop size) from the command line, else the checkpoint's training
+    arguments; each one taken or overridden is said."""
+    trained = contents.train_args or {}
+    settings = {}
+    for name, arg, fallback in (('model', args.model, None), ('dataset', args.dataset, None),
+                                ('crop_size', args.crop_size, [512, 512])):
+        saved = trained.get(name)
+        saved = list(saved) if isinstance(saved, (list, tuple)) else saved
+        if arg is not None:
+            value = list(arg) if isinstance(arg, (list, tuple)) else arg
+            if saved is not None and saved != value:
+                _logger.info('--%s %s overrides the checkpoint\'s %s', name.replace('_', '-'), value, saved)
+        elif saved is not None:
+            value = saved
+            _logger.info('%s: %s (from the checkpoint)', name, value)
+        elif fallback is not None:
+            value = fallback
+        else:
+            raise UsageError(f'{contents.path} does not record the {name}: pass --{name.replace("_", "-")}')
+        settings[name] = value
+    return settings
+
+
+def build_from_checkpoint(contents, model_name, crop_size):
+    """A segmentor shaped as the checkpoint: class count and head widths from its decode and
+    auxiliary heads."""
+    state = contents.state_dict
+    key = 'decode_head.conv_seg.weight'
+    if key not in state:
+        raise UsageError(f'{contents.path} holds no {key}: not a segmentor checkpoint (a classification checkpoint '
+                         f'initialises a backbone: train_seg.py --pretrained FILE)')
+    num_classes, head_channels = state[key].shape[:2]
+    aux = state.get('auxiliary_head.conv_seg.weight')
+    model = build_segmentor(model_name, int(num_classes), img_size=tuple(crop_size), head_channels=int(head_channels),
+                            aux_channels=int(aux.shape[1]) if aux is not None else 256,
+                            auxiliary_head=aux is not None)
+    load_pretrained_weights(model, contents.path, state_dict=state)
+    return model
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse_args(argv)
+    if args.log_file:
+        log_to_file(args.log_file)
+    contents = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    settings = resolve_settings(args, contents)
+    crop_size = tuple(settings['crop_size'])
+    stride = tuple(args.stride) if args.stride else tuple(max(1, math.ceil(c * 2 / 3)) for c in crop_size)
+    if args.device is not None and args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UsageError('--device cuda was asked for but no CUDA device is available')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+    model = build_from_checkpoint(contents, settings['model'], crop_size)
+    try:
+        check_window(crop_size, stride, model.size_divisor)
+    except ValueError as e:
+        raise UsageError(f'--crop-size / --stride: {e}') from None
+    test_scale = tuple(args.test_scale) if args.test_scale else TEST_SCALES[settings['dataset']]
+    dataset = build_seg_dataset(settings['dataset'], args.data, args.split, SegEvalTransform(test_scale))
+    if dataset.num_classes != model.num_classes:
+        raise UsageError(f'{contents.path} predicts {model.num_classes} classes, but the {settings["dataset"]} '
+                         f'dataset at {args.data} has {dataset.num_classes}')
+    class_names = contents.class_names or dataset.class_names
+    model.to(device).eval()
+    autocast = native_amp(device, 'bfloat16' if device.type == 'cpu' else 'float16')[0] if args.amp else nullcontext
+
+    on_prediction = None
+    if args.save_predictions or args.save_overlays:
+        for folder in (args.save_predictions, args.save_overlays):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        colours = palette(model.num_classes)
+        offset = 1 if dataset.reduce_zero_label else 0
+
+        def save_outputs(index, pred):
+            image_path = dataset.pairs[index][0]
+            stem = os.path.splitext(os.path.basename(dataset.pairs[index][1]))[0]
+            pred = pred.numpy()
+            if args.save_predictions:
+                Image.fromarray((pred + offset).astype(np.uint8)).save(os.path.join(args.save_predictions, f'{stem}.png'))
+            if args.save_overlays:
+                make_overlay(image_path, pred, colours).save(os.path.join(args.save_overlays, f'{stem}.png'))
+        on_prediction = save_outputs
+
+    ratios, flip = (AUG_TEST_RATIOS, True) if args.aug_test else ((1.0,), False)
+    _logger.info('Evaluating %s + UPerHead (%d classes) on %d images of %s: %s inference%s%s, test scale %s',
+                 settings['model'], model.num_classes, len(dataset), args.data, args.mode,
+                 f' (crop {crop_size[0]}x{crop_size[1]}, stride {stride[0]}x{stride[1]})' if args.mode == 'slide' else '',
+                 ', multi-scale + flip' if args.aug_test else '', test_scale or 'as is')
+    metric = SegmentationMetric(model.num_classes, class_names=class_names)
+    start = time.perf_counter()
+    evaluate_segmentation(model, dataset, device, metric, mode=args.mode, crop_size=crop_size, stride=stride,
+                          ratios=ratios, flip=flip, autocast=autocast, workers=args.workers,
+                          on_prediction=on_prediction, window_batch=args.window_batch)
+    results = metric.compute()
+    elapsed = time.perf_counter() - start
+    _logger.info('%s\n%d images in %.1f s', format_table(results), len(dataset), elapsed)
+    results.update(checkpoint=contents.path, model=settings['model'], dataset=settings['dataset'], mode=args.mode,
+                   crop_size=list(crop_size), stride=list(stride), aug_test=args.aug_test, images=len(dataset))
+    if args.results_file:
+        folder = os.path.dirname(os.path.abspath(args.results_file))
+        if not os.path.isdir(folder):
+            raise UsageError(f'--results-file {args.results_file}: folder {folder} does not exist')
+        with open(args.results_file, 'w') as f:
+            json.dump(_json_safe(results), f, indent=2)
+    return results
+
+
+def _json_safe(value):
+    """NaN (a class absent from labels and predictions) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def cli(argv=None):
+    run_cli(main, argv, (UsageError, DataError, CheckpointError, DeviceError), _logger)
+
+
+if __name__ == '__main__':
+    cli()
