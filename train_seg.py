@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, SegTrainTransform, build_seg_dataset
 from loss import SegmentationLoss
-from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor
+from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
 from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint, safe_load
 from utils.checkpoint_saver import CheckpointSaver, DiskFullError
 from utils.cli import NonFiniteLoss, UsageError, run_cli
@@ -130,8 +130,9 @@ def parse_args(argv=None):
         args.scale = list(DEFAULT_SCALES.get(args.dataset, (4 * max(args.crop_size), 4 * min(args.crop_size))))
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         parser.error(f'--ratio-range {args.ratio_range}: needs 0 < low <= high')
-    if args.warmup_iters >= args.iters:
-        parser.error(f'--warmup-iters {args.warmup_iters} is not shorter than --iters {args.iters}')
+    if args.warmup_iters >= args.iters:  # the recipe's 1500 in a short run: no warmup, as main.py does
+        _logger.warning('--warmup-iters %d is not shorter than --iters %d: no warmup', args.warmup_iters, args.iters)
+        args.warmup_iters = 0
     return args
 
 
@@ -229,16 +230,20 @@ def main(argv=None):
             args.resume, resumed = promote(found.path), found.checkpoint
             _logger.info('--resume auto: %s (iteration %d)', args.resume, resumed['epoch'])
 
+    try:
+        check_window(tuple(args.crop_size), tuple(args.eval_stride), size_divisor(args.model))
+    except ValueError as e:
+        raise UsageError(f'--crop-size / --eval-stride: {e}') from None
+    if args.batch_size < 2 and not (distributed and args.sync_bn and device.type == 'cuda'):
+        raise UsageError('-b 1: the 1x1 pyramid-pooling level of UPerHead has one value per channel, and BatchNorm '
+                         'needs at least 2 samples per batch to train (SyncBatchNorm over several GPUs pools them); '
+                         'use -b 2 or more')
     loader, val_set = build_loaders(args, rank, world_size)
     train_set = loader.dataset
     args.num_classes = train_set.num_classes
     model = build_segmentor(args.model, args.num_classes, img_size=tuple(args.crop_size),
                             head_channels=args.head_channels, aux_channels=args.aux_channels,
                             drop_path_rate=args.drop_path)
-    try:
-        check_window(tuple(args.crop_size), tuple(args.eval_stride), model.size_divisor)
-    except ValueError as e:
-        raise UsageError(f'--crop-size / --eval-stride: {e}') from None
     if args.pretrained and not args.resume:
         load_pretrained_weights(model.backbone, args.pretrained)
         _logger.info('Backbone initialised from %s', args.pretrained)

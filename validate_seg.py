@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset
-from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor
+from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint
 from utils.cli import UsageError, run_cli
 from utils.config import non_negative_int, positive_int
@@ -137,11 +137,11 @@ def main(argv=None):
         raise UsageError('--device cuda was asked for but no CUDA device is available')
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
-    model = build_from_checkpoint(contents, settings['model'], crop_size)
     try:
-        check_window(crop_size, stride, model.size_divisor)
+        check_window(crop_size, stride, size_divisor(settings['model']))
     except ValueError as e:
         raise UsageError(f'--crop-size / --stride: {e}') from None
+    model = build_from_checkpoint(contents, settings['model'], crop_size)
     test_scale = tuple(args.test_scale) if args.test_scale else TEST_SCALES[settings['dataset']]
     dataset = build_seg_dataset(settings['dataset'], args.data, args.split, SegEvalTransform(test_scale))
     if dataset.num_classes != model.num_classes:

@@ -13,6 +13,7 @@ as it is. VOLO-D1 (stages: outlooker at 8, transformer stages at 16): the outloo
 feeds strides 4 (up) and 8, the third stage's output stride 16 and the last stage's output stride
 32 (down). Visformer v1 (8/16/32): stage 1 up for 4; v2 (4/8/16/32): every stage as it is.
 """
+import math
 import sys
 from typing import List, Sequence
 
@@ -23,11 +24,21 @@ import torch.nn.functional as F
 
 from . import visformer, volo
 
-__all__ = ['ConvModule', 'FeaturePyramid', 'UPerHead', 'FCNHead', 'Segmentor', 'build_segmentor',
+__all__ = ['size_divisor', 'ConvModule', 'FeaturePyramid', 'UPerHead', 'FCNHead', 'Segmentor', 'build_segmentor',
            'SEGMENTATION_BACKBONES', 'pyramid_taps']
 
 SEGMENTATION_BACKBONES = tuple(volo.VARIANTS) + tuple(visformer.VARIANTS)
 PYRAMID_STRIDES = (4, 8, 16, 32)
+
+
+def size_divisor(backbone_name: str) -> int:
+    """What input sides must be multiples of for this backbone (its coarsest stride)."""
+    if backbone_name in volo.VARIANTS:
+        return 16
+    if backbone_name in visformer.VARIANTS:
+        return 2 * math.prod(visformer.VARIANTS[backbone_name]['patch_sizes'])
+    raise ValueError(f'unknown segmentation backbone {backbone_name!r}; choose one of '
+                     f'{", ".join(SEGMENTATION_BACKBONES)}')
 
 
 class ConvModule(nn.Module):
@@ -191,12 +202,13 @@ def build_segmentor(backbone_name: str, num_classes: int, img_size=(512, 512), h
     sizes work: position embeddings are resized on the fly). backbone_kwargs go to the backbone's
     factory (e.g. drop_path_rate, outlook_impl). Initialise the backbone from a classification
     checkpoint with `utils.load_pretrained_weights(segmentor.backbone, FILE)`."""
-    if backbone_name not in SEGMENTATION_BACKBONES:
-        raise ValueError(f'unknown segmentation backbone {backbone_name!r}; choose one of '
-                         f'{", ".join(SEGMENTATION_BACKBONES)}')
+    divisor = size_divisor(backbone_name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if any(side <= 0 or side % divisor for side in img_size):
+        raise ValueError(f'img_size {img_size[0]}x{img_size[1]}: {backbone_name} needs sides that are multiples of '
+                         f'{divisor}')
     for key in ('features_only', 'num_classes', 'pretrained'):
         if key in backbone_kwargs:
             raise ValueError(f'build_segmentor: {key} is not a backbone option here')

@@ -479,3 +479,26 @@ def test_train_transform_output():
     assert x.shape == (3, 64, 64) and y.shape == (64, 64) and y.dtype == torch.long
     assert (y == 255).any()  # the resized image is smaller than the crop: padded with ignore
     assert set(y.unique().tolist()) <= {0, 1, 7, 255}
+
+
+# ---------------------------------------------------------------- loss (§3)
+
+def test_loss_averages_over_all_pixels_with_ignored_ones_as_zeros():
+    from loss import SegmentationLoss, pixel_cross_entropy
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5)
+    labels = torch.randint(0, 4, (2, 6, 10))
+    labels[0, :2] = 255
+    up = F.interpolate(logits, size=(6, 10), mode='bilinear', align_corners=False)
+    log_p = up.log_softmax(1)
+    total, n = 0., 0
+    for b in range(2):
+        for y in range(6):
+            for x in range(10):
+                n += 1
+                if labels[b, y, x] != 255:
+                    total -= float(log_p[b, labels[b, y, x], y, x])
+    assert float(pixel_cross_entropy(logits, labels)) == pytest.approx(total / n, rel=1e-5)
+    aux = torch.randn(2, 4, 2, 3)
+    loss, parts = SegmentationLoss()((logits, aux), labels)
+    assert float(loss) == pytest.approx(float(parts['decode']) + 0.4 * float(pixel_cross_entropy(aux, labels)), rel=1e-6)

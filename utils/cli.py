@@ -13,13 +13,23 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the checkpoints written so far are kept."""
 
 
+def message(error: BaseException) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker ("Caught X in DataLoader
+    worker process N. Original Traceback ..."), the original message without the traceback."""
+    text = str(error)
+    if text.startswith('Caught ') and 'Original Traceback' in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(': ', 1)[1] if ': ' in last else last
+    return text
+
+
 def run_cli(main, argv, errors, logger: logging.Logger, interrupted='interrupted'):
     """main(argv); an expected error (one of `errors`) is logged in one line and exits with 2, Ctrl-C
     exits with 130 after `interrupted` is logged. A process group still open is closed first."""
     try:
         return main(argv)
     except errors as e:
-        logger.error('%s', e)
+        logger.error('%s', message(e))
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
