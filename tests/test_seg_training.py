@@ -265,3 +265,21 @@ def test_distributed_train_sh_runs_train_seg(folder, tmp_path):
     bad = subprocess.run([os.path.join(REPO, 'distributed_train.sh'), '2', '--script', 'nope.py'], capture_output=True,
                          text=True, cwd=REPO, env=env, timeout=60)
     assert bad.returncode == 2 and 'nope.py: no such file' in bad.stderr
+
+
+@pytest.mark.parametrize('config', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', 'seg', '*.yaml'))))
+def test_segmentation_recipes_parse_and_match_the_reference(config):
+    args = train_seg.parse_args(['/data', '-c', os.path.join(REPO, 'configs', 'seg', config)])
+    if config == 'demo.yaml':
+        assert args.dataset == 'folder' and args.model == 'volo_d1'
+        return
+    # segmentation.md §2: AdamW 6e-5, betas (0.9, 0.999), wd 0.01, poly power 1, 1500 warmup from 1e-6, 2 per GPU
+    assert (args.lr, args.betas, args.weight_decay, args.power) == (6e-5, [0.9, 0.999], 0.01, 1.0)
+    assert (args.warmup_iters, args.warmup_ratio, args.batch_size, args.amp) == (1500, 1e-6, 2, True)
+    assert (args.head_channels, args.aux_channels, args.aux_weight, args.cat_max_ratio) == (512, 256, 0.4, 0.75)
+    assert args.model == config.split('_')[1] + '_' + config.split('_')[2]
+    if args.dataset == 'ade20k':
+        assert (args.crop_size, args.scale, args.iters, args.eval_stride) == ([512, 512], [2048, 512], 160000, [341, 341])
+    else:
+        assert args.dataset == 'cityscapes'
+        assert (args.crop_size, args.scale, args.eval_stride) == ([1024, 1024], [2048, 1024], [768, 768])

@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('layers', 'models', 'utils', 'data', 'loss')
-SCRIPTS = ('main', 'validate', 'demo', 'tools')
+SCRIPTS = ('main', 'validate', 'demo', 'train_seg', 'validate_seg', 'demo_seg', 'tools')
 # what each package may import from this repository (function-level imports count too)
 ALLOWED = {'layers': {'layers'}, 'models': {'layers', 'models'}, 'utils': {'layers', 'utils'},
            'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}}
@@ -56,7 +56,7 @@ def test_tools_run_as_modules_without_editing_sys_path():
 
 def test_importing_the_repository_patches_nothing_in_timm():
     code = ('from timm.data import auto_augment as a; before = dict(a.NAME_TO_OP); '
-            'import layers, models, utils, data, loss, main, validate; '
+            'import layers, models, utils, data, loss, main, validate, train_seg, validate_seg, demo_seg; '
             'assert a.NAME_TO_OP == before, "timm op table changed"')
     done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
