@@ -29,6 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import models  # noqa: F401  (registers this repo's models with timm)
+from models import numerics_kwargs
 from data import DataError, create_eval_loader, eval_class_indices, find_split
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_checkpoint
 from utils.config import non_negative_int, positive_int
@@ -145,6 +146,14 @@ def validate_one(args, checkpoint, root):
                               f'lists {len(class_names)} classes')
     settings = resolve_settings(args, train_args, head_classes, checkpoint or '--pretrained')
     kwargs = {k: settings[k] for k in ('num_classes', 'img_size') if settings[k] is not None}
+    if contents is not None and contents.numerics:
+        try:
+            kwargs.update(numerics_kwargs(settings['model'], contents.numerics))
+        except ValueError as e:
+            raise CheckpointError(f'{contents.path}: {e}') from None
+        _logger.info('%s holds %s weights: the model is built with their numerics (%s)', contents.path,
+                     contents.numerics, ', '.join(f'{k}={getattr(v, "keywords", v)}' for k, v in
+                                                  numerics_kwargs(settings['model'], contents.numerics).items()))
     try:
         model = timm.create_model(settings['model'], pretrained=args.pretrained and not checkpoint, **kwargs)
     except RuntimeError as e:

@@ -10,7 +10,9 @@ Dense features (timm's `forward_intermediates` / `feature_info` / `features_only
 outputs (v1: strides 8, 16, 32; v2: 4, 8, 16, 32); position embeddings are resized (bicubic) on the
 fly for inputs of another size.
 """
+import math
 import warnings
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -27,15 +29,15 @@ __all__ = ['Visformer', 'visformer_tiny', 'visformer_small', 'visformer_tiny_v2'
 class SpatialMlp(nn.Module):
     """1x1 conv, GELU, [3x3 grouped conv, GELU,] 1x1 conv; all without bias."""
 
-    def __init__(self, dim, hidden_dim, spatial_conv=False, group=8, drop=0.):
+    def __init__(self, dim, hidden_dim, spatial_conv=False, group=8, drop=0., act_layer=nn.GELU):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, hidden_dim, 1, bias=False)
-        self.act1 = nn.GELU()
+        self.act1 = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.conv2 = None
         if spatial_conv:
             self.conv2 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=group, bias=False)
-            self.act2 = nn.GELU()
+            self.act2 = act_layer()
         self.conv3 = nn.Conv2d(hidden_dim, dim, 1, bias=False)
         self.drop3 = nn.Dropout(drop)
 
@@ -74,16 +76,17 @@ class Block(nn.Module):
     """[x + attn(BN(x))], then x + mlp(BN(x)); the attention is absent in convolutional stages."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4., attention=True, spatial_conv=False, group=8,
-                 qk_scale_exponent=-0.25, drop=0., attn_drop=0., drop_path=0.):
+                 qk_scale_exponent=-0.25, drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU,
+                 norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm1 = self.attn = None
         if attention:
-            self.norm1 = nn.BatchNorm2d(dim)
+            self.norm1 = norm_layer(dim)
             self.attn = Attention(dim, num_heads, qk_scale_exponent, attn_drop=attn_drop, proj_drop=drop)
-        self.norm2 = nn.BatchNorm2d(dim)
+        self.norm2 = norm_layer(dim)
         hidden = dim * 2 if spatial_conv else int(dim * mlp_ratio)
-        self.mlp = SpatialMlp(dim, hidden, spatial_conv=spatial_conv, group=group, drop=drop)
+        self.mlp = SpatialMlp(dim, hidden, spatial_conv=spatial_conv, group=group, drop=drop, act_layer=act_layer)
 
     def forward(self, x):
         if self.attn is not None:
@@ -94,10 +97,10 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch_size (with bias), then BatchNorm."""
 
-    def __init__(self, in_chans, embed_dim, patch_size):
+    def __init__(self, in_chans, embed_dim, patch_size, norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.norm = nn.BatchNorm2d(embed_dim)
+        self.norm = norm_layer(embed_dim)
 
     def forward(self, x):
         return self.norm(self.proj(x))
@@ -112,14 +115,14 @@ class Visformer(nn.Module):
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, init_channels=32, stage_dims=(192, 384, 768),
                  patch_sizes=(4, 2, 2), depths=(7, 4, 4), num_heads=(6, 6, 6), mlp_ratio=4., group=8,
                  attn_stage='011', spatial_conv='100', qk_scale_exponent=-0.25, first_stage=1, drop_rate=0.,
-                 attn_drop_rate=0., drop_path_rate=0., pos_embed=True):
+                 attn_drop_rate=0., drop_path_rate=0., pos_embed=True, act_layer=nn.GELU, norm_layer=nn.BatchNorm2d):
         super().__init__()
         num_stages = len(stage_dims)
         if not (len(patch_sizes) == len(depths) == len(num_heads) == len(attn_stage) == len(spatial_conv)
                 == num_stages):
             raise ValueError('stage_dims, patch_sizes, depths, num_heads, attn_stage and spatial_conv need one '
                              'entry per stage')
-        stride = 2 * int(torch.tensor(patch_sizes).prod())
+        stride = 2 * math.prod(patch_sizes)
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_h % stride or img_w % stride:
             raise ValueError(f'img_size {img_size} must be a multiple of {stride}')
@@ -130,27 +133,27 @@ class Visformer(nn.Module):
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, init_channels, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(init_channels),
+            norm_layer(init_channels),
             nn.ReLU(inplace=True))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         reduction, in_dim, block = 2, init_channels, 0
         self.feature_info = []
         for sid, dim, patch, depth, heads, attn, spatial in zip(self.stage_ids, stage_dims, patch_sizes, depths,
                                                                  num_heads, attn_stage, spatial_conv):
             reduction *= patch
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stage{sid}'))
-            setattr(self, f'patch_embed{sid}', PatchEmbed(in_dim, dim, patch))
+            setattr(self, f'patch_embed{sid}', PatchEmbed(in_dim, dim, patch, norm_layer))
             grid = (img_h // reduction, img_w // reduction)
             setattr(self, f'pos_embed{sid}', nn.Parameter(torch.zeros(1, dim, *grid)) if pos_embed else None)
             setattr(self, f'stage{sid}', nn.Sequential(*[
                 Block(dim, heads, mlp_ratio, attention=attn == '1', spatial_conv=spatial == '1', group=group,
                       qk_scale_exponent=qk_scale_exponent, drop=drop_rate, attn_drop=attn_drop_rate,
-                      drop_path=dpr[block + i])
+                      drop_path=dpr[block + i], act_layer=act_layer, norm_layer=norm_layer)
                 for i in range(depth)]))
             block += depth
             in_dim = dim
-        self.norm = nn.BatchNorm2d(self.num_features)
+        self.norm = norm_layer(self.num_features)
         self.pruned = ()  # state-dict prefixes removed by prune_intermediate_layers
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -284,6 +287,11 @@ VARIANTS = {
                                depths=(1, 10, 14, 3), num_heads=(2, 4, 8, 16), attn_stage='0011',
                                spatial_conv='1100', qk_scale_exponent=-0.5, first_stage=0),
 }
+
+
+# MindCV's numerics (mindcv.md §3): MindSpore's GELU defaults to the tanh approximation; BatchNorm
+# eps is 1e-5 in both frameworks
+MINDCV_NUMERICS = dict(act_layer=partial(nn.GELU, approximate='tanh'))
 
 
 def checkpoint_variant(state_dict):

@@ -8,6 +8,7 @@ of the four stages: the outlooker stage at stride 8 and the three transformer st
 Any input whose sides are multiples of 16 works: pos_embed is resized (bicubic) on the fly.
 """
 import math
+from functools import partial
 from typing import Tuple
 
 import torch
@@ -30,37 +31,41 @@ class _GeluLinear(torch.autograd.Function):
     one hidden-size activation less per MLP (a sixth of VOLO-D1's training activations)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias):
+    def forward(ctx, h, weight, bias, approximate='none'):
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight, bias)
+        ctx.approximate = approximate
+        return F.linear(F.gelu(h, approximate=approximate), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        a = F.gelu(h)
+        a = F.gelu(h, approximate=ctx.approximate)
         grad_2d = grad.reshape(-1, grad.shape[-1])
         grad_weight = (grad_2d.t() @ a.reshape(-1, a.shape[-1]).to(grad.dtype)).to(weight.dtype)
         grad_bias = grad_2d.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_a = grad @ weight.to(grad.dtype)
-        grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h)  # aten op: torch.compile traces it
-        return grad_h, grad_weight, grad_bias
+        # the aten op: torch.compile traces it
+        grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h, approximate=ctx.approximate)
+        return grad_h, grad_weight, grad_bias, None
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2 (the reference's keys); in training, GELU's output is recomputed in backward."""
+    """fc1, GELU, fc2 (the reference's keys); in training, GELU's output is recomputed in backward.
+    act_layer: a GELU (exact or tanh-approximated) or any other activation (then stored as usual)."""
 
-    def __init__(self, in_features, hidden_features, drop=0.):
+    def __init__(self, in_features, hidden_features, drop=0., act_layer=nn.GELU):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = act_layer()
+        self.recompute_gelu = isinstance(self.act, nn.GELU)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
         h = self.fc1(x)
-        if needs_grad(h) and not self.drop.p:
-            x = _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
+        if self.recompute_gelu and needs_grad(h) and not self.drop.p:
+            x = _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias, self.act.approximate)
         else:
             x = self.fc2(self.drop(self.act(h)))
         return self.drop(x)
@@ -69,7 +74,7 @@ class Mlp(nn.Module):
 class Outlooker(nn.Module):
     def __init__(self, dim, kernel_size, padding, stride=1, num_heads=1, mlp_ratio=3., attn_drop=0.,
                  drop_path=0., norm_layer=nn.LayerNorm, qkv_bias=False,
-                 qk_scale=None, outlook_impl='auto'):
+                 qk_scale=None, outlook_impl='auto', act_layer=nn.GELU):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = OutlookAttention(dim, num_heads, kernel_size=kernel_size, padding=padding,
@@ -77,7 +82,7 @@ class Outlooker(nn.Module):
                                      attn_drop=attn_drop, outlook_impl=outlook_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -107,14 +112,14 @@ class Attention(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, attn_drop=0.,
-                 drop_path=0., norm_layer=nn.LayerNorm):
+                 drop_path=0., norm_layer=nn.LayerNorm, act_layer=nn.GELU):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                               attn_drop=attn_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -150,14 +155,14 @@ class ClassBlock(nn.Module):
     """Updates the class token only; patch tokens pass through."""
 
     def __init__(self, dim, num_heads, head_dim=None, mlp_ratio=4., qkv_bias=False, qk_scale=None,
-                 drop=0., attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm):
+                 drop=0., attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm, act_layer=nn.GELU):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = ClassAttention(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias,
                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, act_layer=act_layer)
 
     def forward(self, x):
         cls = x[:, :1]
@@ -225,7 +230,7 @@ class VOLO(nn.Module):
                  outlook_attention=None, mlp_ratios=None, qkv_bias=False, qk_scale=None, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0., norm_layer=nn.LayerNorm, post_layers=('ca', 'ca'),
                  return_mean=False, return_dense=True, mix_token=True, pooling_scale=2, out_kernel=3,
-                 out_stride=2, out_padding=1, outlook_impl='auto'):
+                 out_stride=2, out_padding=1, outlook_impl='auto', act_layer=nn.GELU):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         step = patch_size * pooling_scale
@@ -263,13 +268,13 @@ class VOLO(nn.Module):
                         embed_dims[i], kernel_size=out_kernel, padding=out_padding, stride=out_stride,
                         num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
                         qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer,
-                        outlook_impl=outlook_impl))
+                        outlook_impl=outlook_impl, act_layer=act_layer))
                 else:
                     dpr = drop_path_rate * (j + sum(layers[:i])) / max(total_blocks - 1, 1)
                     blocks.append(Transformer(
                         embed_dims[i], num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
                         qk_scale=qk_scale, attn_drop=attn_drop_rate, drop_path=dpr,
-                        norm_layer=norm_layer))
+                        norm_layer=norm_layer, act_layer=act_layer))
             network.append(nn.Sequential(*blocks))
             if downsamples[i]:
                 network.append(Downsample(embed_dims[i], embed_dims[i + 1], 2))
@@ -283,7 +288,8 @@ class VOLO(nn.Module):
         if post_layers:
             self.post_network = nn.ModuleList([
                 ClassBlock(embed_dims[-1], num_heads[-1], mlp_ratio=mlp_ratios[-1], qkv_bias=qkv_bias,
-                           qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer)
+                           qk_scale=qk_scale, attn_drop=attn_drop_rate, norm_layer=norm_layer,
+                           act_layer=act_layer)
                 for _ in post_layers])
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
             trunc_normal_(self.cls_token, std=.02)
@@ -527,6 +533,12 @@ def _resolve_cfg(variant, img_size, pretrained_cfg, overlay):
     return img_size, cfg
 
 
+# MindCV's numerics (mindcv.md §3): tanh-approximated GELU, LayerNorm eps 1e-7, and logits from the
+# class token only (its aux_head was never trained; no MixToken)
+MINDCV_NUMERICS = dict(act_layer=partial(nn.GELU, approximate='tanh'), norm_layer=partial(nn.LayerNorm, eps=1e-7),
+                       return_dense=False, mix_token=False)
+
+
 def _volo_signature(shapes):
     """(stem width, first dim, last dim, blocks per stage, MLP ratio) of a VOLO-like state dict."""
     if 'patch_embed.conv.0.weight' not in shapes or 'network.0.0.norm1.weight' not in shapes:
@@ -554,11 +566,13 @@ def checkpoint_variant(state_dict):
 
 def checkpoint_filter_fn(state_dict, model):
     """A checkpoint's state dict adapted to `model`: `module.` stripped, the parts a pruned model
-    (features only) no longer has dropped, pos_embed resized (bicubic) to the model's token grid.
+    (features only) or a class-token-only model (no aux_head) does not have dropped, pos_embed resized (bicubic) to the model's token grid.
     Class-count handling is the loader's."""
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     if getattr(model, 'pruned', ()):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(model.pruned)}
+    if getattr(model, 'aux_head', None) is None:  # a class-token-only model (return_dense=False)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('aux_head.')}
     theirs, ours = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
     if theirs is not None and ours is not None and theirs.ndim == ours.ndim == 4 and theirs.shape[-1] == ours.shape[-1]:
         state_dict['pos_embed'] = resize_pos_embed(theirs, ours.shape[1:3])

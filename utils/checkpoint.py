@@ -2,6 +2,8 @@
 
 Nothing here knows a model family: each model file provides `checkpoint_filter_fn(state_dict,
 model)` (timm's convention) and `checkpoint_variant(state_dict)` for the wrong-variant message.
+MindSpore `.ckpt` files (MindCV's weights) are recognised by their content and read without
+MindSpore (utils/mindspore_ckpt.py); they carry numerics='mindcv'.
 """
 import argparse
 import collections
@@ -14,6 +16,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 import yaml
+
+from .mindspore_ckpt import MindSporeCheckpointError, looks_like_mindspore_checkpoint, read_mindcv_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -69,9 +73,33 @@ def describe_non_checkpoint(path: str) -> Optional[str]:
         return 'unrecognised binary data'
 
 
+def _is_torch_file(path):
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head.startswith(b'PK\x03\x04') or head.startswith(b'\x80')
+
+
+def load_mindspore(path: str) -> dict:
+    """A MindSpore .ckpt as a checkpoint dict: state_dict (and state_dict_ema) in this repository's
+    names, numerics='mindcv'."""
+    try:
+        weights = read_mindcv_checkpoint(path)
+    except MindSporeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+    _logger.info('%s holds MindCV weights: models.numerics_kwargs(name, \'mindcv\') builds a model with MindCV\'s '
+                 'numerics (validate.py does so itself)', path)
+    checkpoint = {'state_dict': weights.state_dict, 'numerics': 'mindcv'}
+    if weights.ema is not None:
+        checkpoint['state_dict_ema'] = weights.ema
+    return checkpoint
+
+
 def safe_load(path: str):
-    """torch.load in weights-only mode with the allow-list above; code in a pickle never runs."""
+    """torch.load in weights-only mode with the allow-list above; code in a pickle never runs.
+    MindSpore checkpoints (by content, or a .ckpt name) are parsed as protobuf."""
     path = resolve_checkpoint_path(path)
+    if looks_like_mindspore_checkpoint(path) or (path.endswith('.ckpt') and not _is_torch_file(path)):
+        return load_mindspore(path)
     looks_like = describe_non_checkpoint(path)
     if looks_like is not None:
         raise CheckpointError(f'{path} is not a PyTorch checkpoint: it looks like {looks_like}')
@@ -118,6 +146,7 @@ class CheckpointContents(NamedTuple):
     state_dict: Dict[str, torch.Tensor]
     train_args: Optional[dict]     # the training arguments (checkpoint's `args`, or the run's args.yaml)
     class_names: Optional[list]    # the training classes, in index order, when the checkpoint records them
+    numerics: Optional[str] = None  # 'mindcv' for MindCV weights (models.numerics_kwargs builds for them)
 
 
 def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointContents:
@@ -136,7 +165,8 @@ def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointCo
                 loaded = yaml.safe_load(f)
             train_args = loaded if isinstance(loaded, dict) else None
     class_names = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
-    return CheckpointContents(path, state_dict, train_args, list(class_names) if class_names else None)
+    numerics = checkpoint.get('numerics') if isinstance(checkpoint, dict) else None
+    return CheckpointContents(path, state_dict, train_args, list(class_names) if class_names else None, numerics)
 
 
 def check_finite(state_dict: Dict[str, torch.Tensor], path: str):
