@@ -312,6 +312,13 @@ def test_convert_tool(mindcv_visformer, tmp_path):
     assert contents.numerics == 'mindcv'
     for k, v in source_model.state_dict().items():
         torch.testing.assert_close(contents.state_dict[k], v, rtol=0, atol=0)
+    st = tmp_path / 'converted.safetensors'
+    done = subprocess.run([sys.executable, '-m', 'tools.convert_mindcv', path, str(st), '--model', 'visformer_tiny'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    contents = read_checkpoint(str(st))
+    assert contents.numerics == 'mindcv' and contents.train_args['model'] == 'visformer_tiny'
+    torch.testing.assert_close(contents.state_dict['head.weight'], source_model.head.weight, rtol=0, atol=0)
     wrong = subprocess.run([sys.executable, '-m', 'tools.convert_mindcv', path, str(tmp_path / 'w.pth.tar'), '--model',
                             'visformer_small'], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and 'looks like visformer_tiny, but the model is visformer_small' in wrong.stderr

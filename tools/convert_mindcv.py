@@ -6,9 +6,10 @@ repository, without MindSpore.
         --model visformer_tiny_v2
     python -m tools.convert_mindcv volo_d1-177_1251_v2.ckpt volo_d1_mindcv.pth.tar --model volo_d1
 
-The output holds `state_dict` (this repository's key names), `numerics: 'mindcv'` (validate.py and
+The output (a .pth.tar, or weights only when its name ends in .safetensors) holds the weights in this
+repository's key names and `numerics: 'mindcv'` (validate.py and
 `models.numerics_kwargs` then build the model with MindCV's tanh GELU, LayerNorm eps 1e-7 and, for
-VOLO, the class-token head only) and `arch`. The weights are checked by loading them strictly into
+VOLO, the class-token head only) and the model name. The weights are checked by loading them strictly into
 the model first; what was mapped and dropped is printed.
 """
 import argparse
@@ -17,6 +18,7 @@ import sys
 
 import timm
 import torch
+from safetensors.torch import save_file
 
 from models import MINDCV_MODELS, numerics_kwargs
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights
@@ -42,10 +44,16 @@ def convert(src, dst, model_name, use_ema=False):
         kwargs['img_size'] = img_size
     model = timm.create_model(model_name, **kwargs)
     load_pretrained_weights(model, src, strict=True, state_dict=state_dict)
-    checkpoint = {'state_dict': model.state_dict(), 'numerics': 'mindcv', 'arch': model_name,
-                  'source': os.path.basename(src)}
     staging = dst + '.partial'
-    torch.save(checkpoint, staging)
+    if dst.endswith('.safetensors'):  # weights only, the settings in the metadata (as tools/export_weights.py)
+        metadata = {'format': 'pt', 'model': model_name, 'numerics': 'mindcv', 'num_classes': str(num_classes),
+                    'source': os.path.basename(src)}
+        if img_size:
+            metadata['img_size'] = str(img_size)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging, metadata=metadata)
+    else:
+        torch.save({'state_dict': model.state_dict(), 'numerics': 'mindcv', 'arch': model_name,
+                    'source': os.path.basename(src)}, staging)
     os.replace(staging, dst)
     return model, weights
 

@@ -3,10 +3,12 @@
 Nothing here knows a model family: each model file provides `checkpoint_filter_fn(state_dict,
 model)` (timm's convention) and `checkpoint_variant(state_dict)` for the wrong-variant message.
 MindSpore `.ckpt` files (MindCV's weights) are recognised by their content and read without
-MindSpore (utils/mindspore_ckpt.py); they carry numerics='mindcv'.
+MindSpore (utils/mindspore_ckpt.py); they carry numerics='mindcv'. `.safetensors` files are read
+with safetensors (no pickle), their metadata supplying the model's settings.
 """
 import argparse
 import collections
+import json
 import logging
 import os
 import pickle
@@ -94,10 +96,50 @@ def load_mindspore(path: str) -> dict:
     return checkpoint
 
 
+def looks_like_safetensors(path: str) -> bool:
+    """safetensors' layout: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b'{':
+        return False
+    return 0 < int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8
+
+
+def load_safetensors(path: str) -> dict:
+    """A .safetensors file as a checkpoint dict: state_dict, plus what tools/export_weights.py puts
+    in the metadata (model name, image size, class count, class names, numerics). No pickle."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f'cannot read {path} as safetensors: {e}') from None
+    checkpoint = {'state_dict': state_dict}
+    args = {k: metadata[k] for k in ('model',) if k in metadata}
+    for key in ('img_size', 'num_classes'):
+        if metadata.get(key, '').isdigit():
+            args[key] = int(metadata[key])
+    if args:
+        checkpoint['args'] = argparse.Namespace(**args)
+    if metadata.get('class_names'):
+        checkpoint['class_names'] = json.loads(metadata['class_names'])
+    if metadata.get('numerics'):
+        checkpoint['numerics'] = metadata['numerics']
+    return checkpoint
+
+
 def safe_load(path: str):
     """torch.load in weights-only mode with the allow-list above; code in a pickle never runs.
-    MindSpore checkpoints (by content, or a .ckpt name) are parsed as protobuf."""
+    MindSpore checkpoints (by content, or a .ckpt name) are parsed as protobuf; safetensors files
+    (by content) are read with safetensors; a .safetensors name with other content is refused."""
     path = resolve_checkpoint_path(path)
+    if looks_like_safetensors(path):
+        return load_safetensors(path)
+    if path.endswith('.safetensors'):
+        raise CheckpointError(f'{path} is named .safetensors but is not a safetensors file (it looks like '
+                              f'{describe_non_checkpoint(path) or "a pickled PyTorch checkpoint"}); nothing in it '
+                              f'was loaded or executed')
     if looks_like_mindspore_checkpoint(path) or (path.endswith('.ckpt') and not _is_torch_file(path)):
         return load_mindspore(path)
     looks_like = describe_non_checkpoint(path)
