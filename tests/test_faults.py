@@ -326,8 +326,8 @@ def test_ctrl_c_with_workers_exits_promptly(shapes, tmp_path):
             break
     proc.send_signal(signal.SIGINT)
     start = time.time()
-    code = proc.wait(timeout=30)
-    assert code == 130 and time.time() - start < 30
+    code = proc.wait(timeout=60)  # 2 s on an idle 2-core machine; over 30 s once with two suites sharing it
+    assert code == 130 and time.time() - start < 60
     assert 'interrupted' in proc.stdout.read()
 
 
