@@ -12,6 +12,7 @@ moving_variance); training files also hold optimizer moments, step and learning-
 EMA copies, which `mindcv_state_dict` separates from the network.
 """
 import binascii
+import functools
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ class MindSporeCheckpointError(ValueError):
     """The file is not a readable MindSpore checkpoint (truncated, encrypted, another format)."""
 
 
+@functools.lru_cache(maxsize=None)
 def _message_classes():
     """The proto2 messages of MindSpore's checkpoint.proto, built from a descriptor at run time."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory

@@ -2,10 +2,13 @@
 definitions). A segmentor here is any module whose eval-mode forward returns logits at its input's
 size for inputs whose sides are multiples of its `size_divisor`."""
 import math
+from contextlib import nullcontext
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 AUG_TEST_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -106,11 +109,6 @@ def evaluate_segmentation(model, dataset, device, metric, mode='whole', crop_siz
     one image at a time, and add every prediction (argmax of predict_scores at the label's size)
     to `metric`. indices: this process's share (default: all). on_prediction(index, pred): called
     with each (H, W) uint8 prediction, e.g. to save it. Returns the metric (not yet all-reduced)."""
-    from contextlib import nullcontext
-
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
-
     subset = dataset if indices is None else Subset(dataset, list(indices))
     loader = DataLoader(subset, batch_size=1, shuffle=False, num_workers=workers,
                         pin_memory=device.type == 'cuda', persistent_workers=False)
