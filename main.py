@@ -5,9 +5,11 @@
         --drop-path 0.1 --apex-amp --token-label --token-label-size 14 --token-label-data /path/to/labels
     python main.py /path/to/imagenet -c configs/volo_d1_224.yaml
 
-The data folder holds train/ and val/ (or validation/) class folders. Runs on CUDA when present,
-else on the CPU; under torchrun every process trains on its share of the data. Outputs go to
-<output>/train/<time>-<model>-<img>/.
+The data folder holds train/ and val/ (or validation/) class folders; with --dataset wds, the tar
+shards of tools/make_shards.py (token labels included); with --dataset hfds/NAME, a Hugging Face
+dataset. Runs on CUDA when present, else on the CPU; under torchrun every process trains on its
+share of the data. Outputs go to <output>/train/<time>-<model>-<img>/; --log-wandb and
+--log-tensorboard DIR track the run.
 """
 import argparse
 import glob
@@ -34,19 +36,22 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV2, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir
 
 import models  # noqa: F401  (registers this repo's models with timm)
-from data import (DataError, DatasetTokenLabel, TokenLabelMixup, create_eval_loader, create_token_label_loader,
-                  create_token_label_target, create_train_loader, eval_class_indices, find_split)
+from data import (DataError, DatasetTokenLabel, TokenLabelMixup, create_eval_loader, create_shard_eval_loader,
+                  create_shard_train_loader, create_token_label_loader, create_token_label_target, create_train_loader,
+                  eval_class_indices, eval_transform, find_shard_split, find_split, hf_class_names, hf_dataset,
+                  set_epoch, shard_class_map, train_transform, wrap_loader)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
 from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint, safe_load
 from utils.checkpoint_saver import CheckpointSaver, DiskFullError
 from utils.cli import NonFiniteLoss, UsageError, run_cli
-from utils.config import ConfigError, non_negative_int, positive_int, read_config_defaults
+from utils.config import ConfigError, dataset_type, non_negative_int, positive_int, read_config_defaults
 from utils.evaluation import evaluate
 from utils.log import log_to_file, setup_logging
 from utils.runs import ResumeError, RunLock, find_resume_checkpoint, promote
 from utils.runtime import DeviceError, init_distributed, native_amp
 from utils.summary import truncate_summary, write_summary
+from utils.tracking import Tracker, check_tracking
 
 _logger = logging.getLogger('train')
 
@@ -59,11 +64,17 @@ def get_parsers():
     p.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                    help='YAML file of argument defaults; the command line overrides it')
     # dataset / model
-    p.add_argument('data_dir', metavar='DIR', help='dataset root with train/ and val/ class folders')
-    p.add_argument('--dataset', '-d', metavar='NAME', default='', choices=['', 'folder'],
-                   help="dataset type: '' or 'folder', class folders under DIR/<split>")
+    p.add_argument('data_dir', metavar='DIR', help='dataset root with train/ and val/ class folders (or shards)')
+    p.add_argument('--dataset', '-d', metavar='NAME', default='', type=dataset_type,
+                   help="'' or 'folder': class folders under DIR/<split>; 'wds': tar shards of tools/make_shards.py "
+                        "under DIR/<split> (a split may be a brace pattern); 'hfds/NAME': a Hugging Face dataset "
+                        "(plain labels; DIR is its cache folder)")
     p.add_argument('--train-split', default='train')
     p.add_argument('--val-split', default='validation', help='validation split (val/ is used if validation/ is absent)')
+    p.add_argument('--train-num-samples', type=positive_int, default=None, metavar='N',
+                   help='wds: training samples per epoch, for shards without an index.json')
+    p.add_argument('--shuffle-buffer', type=positive_int, default=1000, metavar='N',
+                   help='wds: each loader worker shuffles its samples within a buffer of N')
     p.add_argument('--model', default='volo_d1', type=str)
     p.add_argument('--pretrained', action='store_true', default=False)
     p.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH')
@@ -153,6 +164,13 @@ def get_parsers():
     p.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default ./output)')
     p.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    # experiment tracking
+    p.add_argument('--log-wandb', action='store_true', default=False, help='log to Weights & Biases (pip install wandb)')
+    p.add_argument('--wandb-project', default=None, type=str, help='W&B project')
+    p.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='W&B tags')
+    p.add_argument('--wandb-resume-id', default='', type=str, help='continue this W&B run id')
+    p.add_argument('--log-tensorboard', default='', type=str, metavar='DIR',
+                   help='write TensorBoard events to DIR (pip install tensorboard)')
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     # token labeling
     p.add_argument('--token-label', action='store_true', default=False, help='dense token-level training loss')
@@ -319,54 +337,92 @@ def build_mixup(args, setup):
 
 
 def resolve_classes(args):
-    """Check the data folders now; the class count defaults to the training folder's, and the
-    validation folder is read with the training split's class list (checked against it).
-    Returns the (train, eval) split folders, the class names and the evaluation folder's indices."""
-    train_root = find_split(args.data_dir, args.train_split)
-    eval_root = find_split(args.data_dir, args.val_split)
-    class_names = find_classes(train_root)[0]
-    eval_classes = eval_class_indices(eval_root, class_names)
+    """Check the data now; the class count defaults to the training split's, and the validation
+    split is read with the training split's class list (checked against it). Returns the (train,
+    eval) splits (folders, ShardSplits or timm datasets), the class names and the evaluation
+    split's class indices."""
+    kind = args.dataset.split('/')[0] if args.dataset else 'folder'
+    if kind == 'wds':
+        train, evaluation = (find_shard_split(args.data_dir, s) for s in (args.train_split, args.val_split))
+        class_names = train.class_names
+        if class_names is None:
+            if args.num_classes is None:
+                raise UsageError(f'{train.where}: the shards have no index.json naming their classes; give '
+                                 f'--num-classes')
+            class_names = [str(i) for i in range(args.num_classes)]
+        eval_classes = shard_class_map(evaluation, class_names)
+    elif kind == 'hfds':
+        train = hf_dataset(args.dataset, args.data_dir, args.train_split, is_training=True)
+        evaluation = hf_dataset(args.dataset, args.data_dir, args.val_split)
+        class_names = hf_class_names(train)
+        if evaluation.reader.class_to_idx != train.reader.class_to_idx:
+            raise DataError(f'--dataset {args.dataset}: splits {args.train_split} and {args.val_split} have '
+                            f'different class lists')
+        eval_classes = None
+    else:
+        train, evaluation = find_split(args.data_dir, args.train_split), find_split(args.data_dir, args.val_split)
+        class_names = find_classes(train)[0]
+        eval_classes = eval_class_indices(evaluation, class_names)
+    where = getattr(train, 'where', train if isinstance(train, str) else f'{args.dataset} {args.train_split}')
     if args.num_classes is None:
         args.num_classes = len(class_names)
-        _logger.info('%d classes in %s', len(class_names), train_root)
+        _logger.info('%d classes in %s', len(class_names), where)
     elif args.num_classes < len(class_names):
-        raise UsageError(f'--num-classes {args.num_classes}, but {train_root} has {len(class_names)} class folders')
-    return train_root, eval_root, class_names, eval_classes
+        raise UsageError(f'--num-classes {args.num_classes}, but {where} has {len(class_names)} classes')
+    return train, evaluation, class_names, eval_classes
 
 
-def build_loaders(args, setup, data_config, train_root, eval_root, eval_classes):
+def build_loaders(args, setup, data_config, train_data, eval_data, eval_classes):
     interpolation = args.train_interpolation or data_config['interpolation']
-    common = dict(num_workers=args.workers, distributed=setup.distributed, pin_memory=args.pin_mem,
-                  device=setup.device, mean=data_config['mean'], std=data_config['std'])
+    common = dict(num_workers=args.workers, pin_memory=args.pin_mem, device=setup.device, mean=data_config['mean'],
+                  std=data_config['std'])
     img_size = data_config['input_size'][-1]
     augment = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-                   auto_augment=args.aa or None, interpolation=interpolation, re_prob=args.reprob,
-                   re_mode=args.remode, re_count=args.recount, seed=args.seed)
+                   auto_augment=args.aa or None, interpolation=interpolation)
+    erase = dict(re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
     if args.no_aug:
-        augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None, re_prob=0.)
+        augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None)
+        erase.update(re_prob=0.)
+    eval_batch = args.validation_batch_size_multiplier * args.batch_size
+    eval_args = dict(crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'])
+    if args.dataset == 'wds':
+        train = create_shard_train_loader(
+            train_data, img_size, args.batch_size, token_labels=setup.token_label_maps, num_classes=args.num_classes,
+            color_jitter=args.color_jitter, aa_after_crop=args.aa_after_crop, seed=args.seed,
+            shuffle_buffer=args.shuffle_buffer, num_samples=args.train_num_samples, **augment, **erase, **common)
+        eval_loader = create_shard_eval_loader(eval_data, img_size, eval_batch, num_classes=args.num_classes,
+                                               class_map=eval_classes, **eval_args, **common)
+        return train, eval_loader
+    common['distributed'] = setup.distributed
+    if args.dataset.startswith('hfds/'):
+        train_data.transform = train_transform(img_size, color_jitter=args.color_jitter, **augment)
+        eval_data.transform = eval_transform(img_size, **eval_args)
+        train = wrap_loader(train_data, args.batch_size, is_training=True, seed=args.seed, **erase, **common)
+        return train, wrap_loader(eval_data, eval_batch, is_training=False, **common)
     if setup.token_label_maps:
-        dataset = DatasetTokenLabel(train_root, args.token_label_data, num_classes=args.num_classes)
+        dataset = DatasetTokenLabel(train_data, args.token_label_data, num_classes=args.num_classes)
         train = create_token_label_loader(dataset, img_size, args.batch_size, aa_after_crop=args.aa_after_crop,
-                                          **augment, **common)
+                                          seed=args.seed, **augment, **erase, **common)
     else:
-        train = create_train_loader(train_root, img_size, args.batch_size, color_jitter=args.color_jitter,
-                                    **augment, **common)
-    eval_loader = create_eval_loader(eval_root, img_size, args.validation_batch_size_multiplier * args.batch_size,
-                                     crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
-                                     class_to_idx=eval_classes, **common)
+        train = create_train_loader(train_data, img_size, args.batch_size, color_jitter=args.color_jitter,
+                                    seed=args.seed, **augment, **erase, **common)
+    eval_loader = create_eval_loader(eval_data, img_size, eval_batch, class_to_idx=eval_classes, **eval_args, **common)
     return train, eval_loader
 
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_scheduler, model_ema, mixup_fn,
-                    saver):
+                    saver, tracker=None, start_batch=0, carried=(0., 0)):
+    """One epoch from batch `start_batch` on (a run resumed mid-epoch; `carried`: the loss sum and
+    sample count of the batches before it, over all ranks)."""
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn = None
     model.train()
-    loss_sum, seen = 0., 0
+    loss_sum, seen = (carried[0], carried[1]) if setup.rank == 0 else (0., 0)
     batch_time = data_time = 0.
-    num_updates = epoch * len(loader)
+    steps = len(loader)
+    num_updates = epoch * steps + start_batch
     end = time.perf_counter()
-    for batch_idx, (images, target) in enumerate(loader):
+    for batch_idx, (images, target) in enumerate(loader if start_batch < steps else (), start=start_batch):
         data_time = time.perf_counter() - end
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
@@ -409,14 +465,22 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_sc
         seen += images.shape[0]
         num_updates += 1
         batch_time = time.perf_counter() - end
-        last = batch_idx == len(loader) - 1
+        last = batch_idx == steps - 1
+        images_per_s = images.shape[0] * setup.world_size / batch_time
         if setup.rank == 0 and (last or batch_idx % args.log_interval == 0):
             _logger.info('Train: %d [%4d/%d (%3.0f%%)]  Loss: %.4f (%.4f)  %.1f img/s  LR: %.3e  Data: %.3fs',
-                         epoch, batch_idx, len(loader), 100. * batch_idx / max(len(loader) - 1, 1), loss.item(),
-                         loss_sum / seen, images.shape[0] * setup.world_size / batch_time, current_lr(optimizer),
-                         data_time)
-        if saver is not None and args.recovery_interval and (last or (batch_idx + 1) % args.recovery_interval == 0):
-            saver.save_recovery(epoch, batch_idx=batch_idx)
+                         epoch, batch_idx, steps, 100. * batch_idx / max(steps - 1, 1), loss.item(),
+                         loss_sum / seen, images_per_s, current_lr(optimizer), data_time)
+        if tracker is not None:
+            tracker.log_step(num_updates, dict(loss=loss.item(), lr=current_lr(optimizer), images_per_s=images_per_s,
+                                               data_time=data_time))
+        if args.recovery_interval and (last or (batch_idx + 1) % args.recovery_interval == 0):
+            progress = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=next(model.parameters()).device)
+            if setup.distributed:  # every rank's part of the epoch so far, for a resumed run's epoch loss
+                dist.all_reduce(progress)
+            if saver is not None:
+                saver.save_recovery(epoch, batch_idx=batch_idx, mid_epoch=dict(
+                    batch=batch_idx + 1, steps=steps, loss_sum=progress[0].item(), seen=int(progress[1].item())))
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / seen)
         end = time.perf_counter()
@@ -450,15 +514,23 @@ def main(argv=None):
             args.resume, resumed = promote(found.path), found.checkpoint
             _logger.info('--resume auto: %s (the newest complete checkpoint of %s, epoch %d)', args.resume,
                          found.run_dir, resumed['epoch'])
-    train_root, eval_root, class_names, eval_classes = resolve_classes(args)
+    check_tracking(args)
+    train_data, eval_data, class_names, eval_classes = resolve_classes(args)
+    if args.dataset and args.dataset != 'folder' and args.token_label_data:
+        raise UsageError(f'--token-label-data reads label files beside image folders; with --dataset {args.dataset} '
+                         f'the maps come from the data ({"tools/make_shards.py --token-label-data" if args.dataset == "wds" else "not supported"})')
+    if args.dataset == 'wds':
+        setup.token_label_maps = args.token_label and train_data.label_size is not None
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
     check_token_labels(args, model, setup)
     data_config = resolve_data_config(vars(args), model=model, verbose=setup.rank == 0)
-    loader_train, loader_eval = build_loaders(args, setup, data_config, train_root, eval_root, eval_classes)
+    loader_train, loader_eval = build_loaders(args, setup, data_config, train_data, eval_data, eval_classes)
     if len(loader_train) == 0:
-        per_process = len(loader_train.dataset) // setup.world_size
+        dataset = loader_train.loader.dataset
+        per_process = dataset.total // dataset.world_size if hasattr(dataset, 'total') else \
+            len(dataset) // setup.world_size
         raise UsageError(f'-b {args.batch_size} is larger than the {per_process} training images per process: '
                          f'no full batch, no training step (batches are full-sized in training); use -b {per_process} '
                          f'or less')
@@ -481,7 +553,7 @@ def main(argv=None):
     if setup.rank == 0:
         _logger.info('Mixed precision: %s', setup.amp or 'off (float32)')
 
-    resume_epoch = None
+    resume_epoch = mid_epoch = None
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
@@ -492,7 +564,17 @@ def main(argv=None):
         resume_epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
                                          loss_scaler=None if args.no_resume_opt else setup.loss_scaler,
                                          model_ema=model_ema, checkpoint=resumed)
-        _logger.info('Resumed %s: continuing at epoch %d', resume_path, resume_epoch)
+        mid_epoch = resumed.get('mid_epoch') if isinstance(resumed, dict) else None
+        if mid_epoch and args.start_epoch is None:
+            if mid_epoch['steps'] != len(loader_train):
+                raise UsageError(f'{resume_path} stopped at batch {mid_epoch["batch"]} of {mid_epoch["steps"]} of '
+                                 f'epoch {resume_epoch}, but this command has {len(loader_train)} batches an epoch: '
+                                 f'resume with the data, batch size and process count of that run')
+            _logger.info('Resumed %s: continuing at epoch %d, batch %d of %d', resume_path, resume_epoch,
+                         mid_epoch['batch'], mid_epoch['steps'])
+        else:
+            mid_epoch = None
+            _logger.info('Resumed %s: continuing at epoch %d', resume_path, resume_epoch)
     if setup.distributed:
         device_ids = [setup.device.index] if setup.device.type == 'cuda' else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -549,18 +631,21 @@ def main(argv=None):
             f.write(yaml.safe_dump(vars(args), default_flow_style=False))
         _logger.info('Output: %s; scheduled epochs: %d', output_dir, num_epochs)
     del resumed
+    tracker = Tracker(args, output_dir, vars(args)) if setup.rank == 0 else None
 
     best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     for epoch in range(start_epoch, num_epochs):
         epoch_start = time.perf_counter()
-        if setup.distributed:
-            loader_train.sampler.set_epoch(epoch)
+        start_batch = mid_epoch['batch'] if mid_epoch and epoch == start_epoch else 0
+        set_epoch(loader_train, epoch, start_batch)
+        if setup.distributed and loader_train.sampler is not None:
             indices = list(iter(loader_train.sampler))
             _logger.info('Rank %d: epoch %d, %d training samples, first %s', setup.rank, epoch, len(indices),
                          indices[:6])
         lr = current_lr(optimizer)
+        carried = (mid_epoch['loss_sum'], mid_epoch['seen']) if start_batch else (0., 0)
         train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, setup,
-                                        lr_scheduler, model_ema, mixup_fn, saver)
+                                        lr_scheduler, model_ema, mixup_fn, saver, tracker, start_batch, carried)
         if setup.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, setup.world_size, args.dist_bn == 'reduce')
         eval_metrics = evaluate(model, loader_eval, setup.autocast, args.channels_last, args.log_interval)
@@ -578,6 +663,9 @@ def main(argv=None):
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric],
                                                             summary_row=row)
             write_summary(summary_path, saver.summary_rows)
+            tracker.log_epoch(epoch, row, step=(epoch + 1) * len(loader_train))
+    if tracker is not None:
+        tracker.close()
     if best_metric is not None:
         _logger.info('*** Best metric: %s (epoch %s)', best_metric, best_epoch)
     if setup.distributed:

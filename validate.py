@@ -5,7 +5,9 @@
     python validate.py /path/to/imagenet --model volo_d5 --checkpoint d5_512_87.07.pth.tar --img-size 512 -b 32
     python validate.py /path/to/imagenet --checkpoint output/train/RUN/ --results-file runs.csv
 
-DATA is the dataset root (its val/ or validation/ folder is used) or the split folder itself. A
+DATA is the dataset root (its val/ or validation/ folder is used) or the split folder itself; with
+--dataset wds, the shard root of tools/make_shards.py (or a brace pattern of shards); with
+--dataset hfds/NAME, a Hugging Face dataset's cache folder (--split validation). A
 checkpoint trained at another resolution is evaluated with its position embedding interpolated.
 A training checkpoint (or run directory) supplies its own model, image size, class count and crop
 unless the command line gives them. With a directory of checkpoints, each is evaluated and a CSV
@@ -30,9 +32,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import models  # noqa: F401  (registers this repo's models with timm)
 from models import numerics_kwargs
-from data import DataError, create_eval_loader, eval_class_indices, find_split
+from data import (DataError, ShardSplit, create_eval_loader, create_shard_eval_loader, eval_class_indices,
+                  eval_transform, find_shard_split, find_split, hf_class_names, hf_dataset, shard_class_map,
+                  wrap_loader)
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_checkpoint
-from utils.config import non_negative_int, positive_int
+from utils.config import dataset_type, non_negative_int, positive_int
 from utils.evaluation import evaluate
 from utils.log import log_to_file, setup_logging
 
@@ -43,6 +47,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DIR', help='dataset root (with val/ or validation/) or the split folder')
     p.add_argument('--split', default='val', help='split folder inside DIR (validation/ also accepted)')
+    p.add_argument('--dataset', '-d', metavar='NAME', default='', type=dataset_type,
+                   help="'' or 'folder': class folders; 'wds': tar shards of tools/make_shards.py; 'hfds/NAME': a "
+                        "Hugging Face dataset")
     p.add_argument('--model', '-m', default=None, help="default: the checkpoint's training model, else volo_d1")
     p.add_argument('--checkpoint', default='', help='checkpoint file, or a directory: evaluate each checkpoint in it')
     p.add_argument('--pretrained', action='store_true', help="the model's released weights (no --checkpoint)")
@@ -123,11 +130,29 @@ def resolve_settings(args, train_args, head_classes, source):
     return settings
 
 
+def find_eval_data(args):
+    """The split to evaluate: a folder, a ShardSplit or a timm dataset (hfds)."""
+    if args.dataset == 'wds':
+        return find_shard_split(args.data, args.split)
+    if args.dataset.startswith('hfds/'):
+        return hf_dataset(args.dataset, args.data, args.split)
+    return find_split(args.data, args.split)
+
+
 def class_list(args, root, contents):
     """The classes the model was trained on, in index order: the checkpoint's record, else the
-    training split beside the validation folder, else the validation folder's own."""
+    training split beside the validation folder, else the validation folder's own (shards and
+    Hugging Face datasets: their own list)."""
     if contents is not None and contents.class_names:
         return contents.class_names, 'the checkpoint'
+    if isinstance(root, ShardSplit):
+        if root.class_names is None:
+            if args.num_classes is None:
+                raise DataError(f'{root.where}: the shards have no index.json naming their classes; give --num-classes')
+            return [str(i) for i in range(args.num_classes)], '--num-classes'
+        return root.class_names, root.where
+    if not isinstance(root, str):
+        return hf_class_names(root), args.dataset
     train_root = os.path.join(args.data, 'train')
     if os.path.normpath(root) != os.path.normpath(args.data) and os.path.isdir(train_root):
         return find_classes(train_root)[0], train_root
@@ -140,7 +165,12 @@ def validate_one(args, checkpoint, root):
         contents = read_checkpoint(checkpoint, use_ema=args.use_ema)
         train_args, head_classes = contents.train_args, checkpoint_num_classes(contents.state_dict)
     class_names, classes_from = class_list(args, root, contents)
-    class_to_idx = eval_class_indices(root, class_names)  # before any compute
+    if isinstance(root, ShardSplit):
+        class_to_idx = shard_class_map(root, class_names)  # before any compute
+    elif isinstance(root, str):
+        class_to_idx = eval_class_indices(root, class_names)
+    elif hf_class_names(root) != list(class_names)[:len(hf_class_names(root))]:
+        raise DataError(f'--dataset {args.dataset}: its classes differ from those {classes_from} lists')
     if head_classes is not None and len(class_names) > head_classes:
         raise CheckpointError(f'{checkpoint or args.model} has a {head_classes}-class head, but {classes_from} '
                               f'lists {len(class_names)} classes')
@@ -168,10 +198,17 @@ def validate_one(args, checkpoint, root):
     model = model.to(args.device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = create_eval_loader(root, data_config['input_size'][-1], args.batch_size, crop_pct=data_config['crop_pct'],
-                                interpolation=data_config['interpolation'], mean=data_config['mean'],
-                                std=data_config['std'], num_workers=args.workers, pin_memory=args.pin_mem,
-                                device=args.device, class_to_idx=class_to_idx)
+    common = dict(crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'], mean=data_config['mean'],
+                  std=data_config['std'], num_workers=args.workers, pin_memory=args.pin_mem, device=args.device)
+    img_size = data_config['input_size'][-1]
+    if isinstance(root, ShardSplit):
+        loader = create_shard_eval_loader(root, img_size, args.batch_size, num_classes=len(class_names),
+                                          class_map=class_to_idx, **common)
+    elif isinstance(root, str):
+        loader = create_eval_loader(root, img_size, args.batch_size, class_to_idx=class_to_idx, **common)
+    else:
+        root.transform = eval_transform(img_size, common.pop('crop_pct'), common.pop('interpolation'))
+        loader = wrap_loader(root, args.batch_size, is_training=False, **common)
     progress = partial(tqdm, desc=os.path.basename(checkpoint) or settings['model'], unit='batch',
                        disable=None)  # no bar when the output is not a terminal
     with logging_redirect_tqdm():
@@ -212,7 +249,7 @@ def main(argv=None):
     if args.results_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.results_file))):
         raise CheckpointError(f'--results-file {args.results_file}: folder '
                               f'{os.path.dirname(os.path.abspath(args.results_file))} does not exist')
-    root = find_split(args.data, args.split)
+    root = find_eval_data(args)
     failed = []
     if args.checkpoint and os.path.isdir(args.checkpoint):
         rows = []

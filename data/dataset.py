@@ -1,4 +1,5 @@
 """Image-folder datasets: plain, and with tlt-format token-label maps."""
+import io
 import logging
 import os
 
@@ -58,12 +59,13 @@ def describe_collisions(collisions):
             f'dot); rename the images:\n  {shown}')
 
 
-def load_label_map(path, num_classes=None, size=None):
+def load_label_map(path, num_classes=None, size=None, data=None):
     """A (2, 5, H, W) tlt label map, read in safe mode and checked: a floating tensor, finite scores,
     whole class indices in [0, num_classes), H x W equal to `size` when given. Anything else is an
-    error naming the file."""
+    error naming the file. `data`: the file's bytes when they come from elsewhere (a shard); `path`
+    then only names them in messages."""
     try:
-        label = torch.load(path, map_location='cpu', weights_only=True)
+        label = torch.load(io.BytesIO(data) if data is not None else path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one message naming the file
         raise DataError(f'cannot read token-label file {path}: {e}') from None
     if not isinstance(label, torch.Tensor) or label.ndim != 4 or tuple(label.shape[:2]) != (2, 5):
@@ -195,6 +197,22 @@ class DatasetTokenLabel(ImageFolderDataset):
         else:
             img, label_map, box = self.transform(img, label_map)
         return img, pack_sample_target(label_map, box, class_index)
+
+
+def hf_dataset(name, root, split, is_training=False):
+    """timm's reader of a Hugging Face dataset (`name`: 'hfds/<dataset>'; `root`: the datasets cache
+    folder); the transform is set by the caller."""
+    from timm.data import create_dataset
+    try:
+        return create_dataset(name, root=root, split=split, is_training=is_training)
+    except ImportError:
+        raise DataError(f'--dataset {name} needs the Hugging Face datasets package: pip install datasets') from None
+    except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds; one message names the split
+        raise DataError(f'--dataset {name}: cannot load split {split!r}: {e}') from None
+
+
+def hf_class_names(dataset):
+    return [c for c, _ in sorted(dataset.reader.class_to_idx.items(), key=lambda item: item[1])]
 
 
 def create_token_label_dataset(dataset_type, root, label_root, transform=None):

@@ -335,4 +335,7 @@ def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_
         else:
             _logger.warning('%s has no EMA weights; the EMA restarts from the model weights', path)
     epoch = int(checkpoint['epoch'])
+    mid_epoch = checkpoint.get('mid_epoch')
+    if isinstance(mid_epoch, dict):
+        return epoch  # a recovery checkpoint taken during the epoch: the epoch continues (and is evaluated)
     return epoch + 1 if checkpoint.get('version', 1) >= 2 else epoch

@@ -69,7 +69,7 @@ class CheckpointSaver:
         self.best_metric, self.best_epoch = state.get('best_metric'), state.get('best_epoch')
         self.summary_rows = [dict(row) for row in state.get('summary', [])]
 
-    def _state(self, epoch, metric, history, best, summary_rows):
+    def _state(self, epoch, metric, history, best, summary_rows, mid_epoch=None):
         model = unwrap_model(self.model)
         state = {'epoch': epoch, 'arch': type(model).__name__.lower(), 'state_dict': model.state_dict(),
                  'optimizer': self.optimizer.state_dict(), 'version': 2, 'args': self.args}
@@ -82,6 +82,8 @@ class CheckpointSaver:
         state.update(self.extra)
         state['saver'] = {'history': history, 'best_metric': best[0], 'best_epoch': best[1],
                           'summary': summary_rows}
+        if mid_epoch is not None:
+            state['mid_epoch'] = dict(mid_epoch)
         return state
 
     def _write(self, state, path):
@@ -139,11 +141,14 @@ class CheckpointSaver:
                          ', '.join(f'{n} ({m:.4f})' for n, m in history))
         return self.best_metric, self.best_epoch
 
-    def save_recovery(self, epoch: int, batch_idx: int = 0):
-        """A mid-epoch checkpoint; the previous recovery file is removed once this one is complete."""
+    def save_recovery(self, epoch: int, batch_idx: int = 0, mid_epoch: Optional[dict] = None):
+        """A mid-epoch checkpoint; the previous recovery file is removed once this one is complete.
+        `mid_epoch`: where in the epoch it was taken (batch, steps, loss_sum, seen): a resumed run
+        continues the epoch from there."""
         path = os.path.join(self.checkpoint_dir, f'recovery-{epoch}-{batch_idx}.pth.tar')
         best = (self.best_metric, self.best_epoch)
-        os.replace(self._write(self._state(epoch, None, self.history, best, self.summary_rows), path), path)
+        state = self._state(epoch, None, self.history, best, self.summary_rows, mid_epoch)
+        os.replace(self._write(state, path), path)
         for name in os.listdir(self.checkpoint_dir):
             if name.startswith('recovery-') and name.endswith('.pth.tar') and name != os.path.basename(path):
                 os.remove(os.path.join(self.checkpoint_dir, name))

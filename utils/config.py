@@ -28,11 +28,19 @@ def non_negative_int(text):
     return value
 
 
+def dataset_type(text):
+    """--dataset: '' or 'folder' (class folders), 'wds' (tar shards) or 'hfds/NAME' (Hugging Face)."""
+    if text in ('', 'folder', 'wds') or (text.startswith('hfds/') and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"expected '', 'folder', 'wds' or 'hfds/NAME', got {text!r}")
+
+
 def _describe_type(action):
     if action.type in (None, str):
         return 'a string'
     return {int: 'an integer', float: 'a number', positive_int: 'a positive integer',
-            non_negative_int: 'an integer >= 0'}.get(action.type, getattr(action.type, '__name__', 'a value'))
+            non_negative_int: 'an integer >= 0',
+            dataset_type: "'', 'folder', 'wds' or 'hfds/NAME'"}.get(action.type, getattr(action.type, '__name__', 'a value'))
 
 
 def _convert(action, value, where):

@@ -1,0 +1,74 @@
+"""Experiment tracking for main.py: Weights & Biases (--log-wandb) and TensorBoard
+(--log-tensorboard DIR), both optional packages, used on rank 0 only.
+
+Per training step: train/loss, train/lr, train/images_per_s, train/data_time (x: the update
+count). Per epoch: every column of the summary.csv row under epoch/ (x: the epoch), the same
+numbers summary.csv holds. W&B runs offline with WANDB_MODE=offline.
+"""
+import logging
+import numbers
+import os
+
+from .cli import UsageError
+
+_logger = logging.getLogger(__name__)
+
+
+def check_tracking(args):
+    """Fail now, before any training, when a requested tracker's package is missing."""
+    if args.log_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError('--log-wandb needs the wandb package: pip install wandb') from None
+    if args.log_tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UsageError('--log-tensorboard needs the tensorboard package: pip install tensorboard') from None
+
+
+class Tracker:
+    """The requested trackers of one run; does nothing when none was requested."""
+
+    def __init__(self, args, output_dir, config):
+        self.wandb = self.tensorboard = None
+        if args.log_wandb:
+            import wandb
+            resume = dict(id=args.wandb_resume_id, resume='must') if args.wandb_resume_id else {}
+            self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=config,
+                                    tags=args.wandb_tags or None, dir=output_dir, **resume)
+            self.wandb.define_metric('epoch/*', step_metric='epoch/epoch')
+            _logger.info('W&B run %s (%s)', self.wandb.id, self.wandb.settings.mode)
+        if args.log_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(log_dir=args.log_tensorboard)
+            _logger.info('TensorBoard events in %s', args.log_tensorboard)
+
+    def log_step(self, step, metrics):
+        metrics = {f'train/{k}': float(v) for k, v in metrics.items()}
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                self.tensorboard.add_scalar(name, value, step)
+
+    def log_epoch(self, epoch, row, step):
+        """The summary row of `epoch` (its numeric columns)."""
+        metrics = {f'epoch/{k}': float(v) for k, v in row.items()
+                   if isinstance(v, numbers.Number) and not isinstance(v, bool)}
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for name, value in metrics.items():
+                if name != 'epoch/epoch':
+                    self.tensorboard.add_scalar(name, value, epoch)
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
