@@ -166,6 +166,9 @@ def iter_shard(url, skip=0, take=None):
             raise DataError(f'shard {url} is damaged near sample {index} ({key}): {e}') from None
         if sample is not None:
             yield sample
+        if take is not None and index + 1 < skip + take:  # tarfile ends quietly at a damaged header
+            raise DataError(f'shard {url} ends after {index + 1} samples, its index counts at least {skip + take}: '
+                            f'it is damaged or was changed; make it again with tools/make_shards.py')
 
 
 def sample_name(sample):
@@ -374,6 +377,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start_batch = self._epoch.value, self._start_batch.value
+        # The data loader takes batch j of an iteration from worker j % workers. Resumed at batch s,
+        # its batch j is the epoch's batch s + j, which worker (s + j) % workers held: so this
+        # process plays that worker's part.
+        worker = (worker + start_batch) % workers
         order = self._shard_order(epoch)
         if self.exact or not self.training and self.split.counts is not None:
             start, length = worker_share(self.rank, self.world_size, worker, workers, self.total, self.batch_size,

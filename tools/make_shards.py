@@ -28,6 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from data.dataset import DataError, describe_collisions, label_path, label_path_collisions, load_label_map
 from data.shards import INDEX_FORMAT, INDEX_NAME, LABEL_FIELD, PATH_FIELD
+from utils.log import setup_logging
 
 _logger = logging.getLogger('make_shards')
 SPLITS = ('train', 'val', 'validation')
@@ -178,13 +179,14 @@ def main(argv=None):
     p.add_argument('--shard-size', type=int, default=1000, metavar='N', help='samples per shard')
     p.add_argument('--seed', type=int, default=0, help='the stored (shuffled) order')
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    setup_logging()
     try:
         make_shards(args.data, args.output, args.token_label_data or None, args.shard_size, args.seed)
     except DataError as e:
-        _logger.error('error: %s', e)
-        sys.exit(2)
+        _logger.error('%s', e)
+        return 2
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -14,7 +14,8 @@ _logger = logging.getLogger(__name__)
 # arguments that only extend or re-host a run: a resumed command may change them
 EXTENDS_RUN = frozenset({'resume', 'epochs', 'start_epoch', 'output', 'workers', 'log_interval', 'device',
                          'local_rank', 'pin_mem', 'recovery_interval', 'checkpoint_hist', 'no_resume_opt', 'config',
-                         'validation_batch_size_multiplier'})
+                         'validation_batch_size_multiplier', 'log_wandb', 'wandb_project', 'wandb_tags',
+                         'wandb_resume_id', 'log_tensorboard'})
 # arguments the script resolves when the command line leaves them out (the run records the value)
 RESOLVED = frozenset({'num_classes', 'img_size'})
 LOCK_NAME = '.lock'
