@@ -327,19 +327,25 @@ def checkpoint_filter_fn(state_dict, model):
 
 def _create(variant, pretrained=False, **kwargs):
     overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
-    kwargs.pop('pretrained_cfg', None)
+    given_cfg = kwargs.pop('pretrained_cfg', None)  # a dict from timm's hf-hub: / local-dir: sources
+    if hasattr(given_cfg, 'to_dict'):
+        given_cfg = given_cfg.to_dict()
     cache_dir = kwargs.pop('cache_dir', None)
+    source_args = kwargs.pop('pretrained_model_args', None)  # timm: a hub config's model_args, also in kwargs
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', None)
     feature_cfg = kwargs.pop('feature_cfg', None) or {}
     model = Visformer(**{**VARIANTS[variant], **kwargs})
     img_size = kwargs.get('img_size', 224)
-    cfg = _cfg(**{**_TIMM_WEIGHTS.get(variant, {}), **overlay})
+    base = given_cfg if isinstance(given_cfg, dict) else _TIMM_WEIGHTS.get(variant, {})
+    cfg = _cfg(**{**base, **overlay})
     cfg['input_size'] = (3, *((img_size, img_size) if isinstance(img_size, int) else img_size))
+    cfg['architecture'] = variant  # timm's save_for_hf / push_to_hf_hub write it to config.json
     model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_model_args = source_args or {}
     if pretrained:
         # a local `file`, a `url` (cached by torch.hub) or timm's hub entry for v1
-        if not (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id')):
+        if not (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id') or cfg.get('source')):
             raise ValueError(f'{variant} has no released weights; train it with main.py')
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
                         in_chans=kwargs.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)

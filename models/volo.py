@@ -583,6 +583,7 @@ def _create_volo(variant, pretrained=False, **kwargs):
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     cache_dir = kwargs.pop('cache_dir', None)
+    source_args = kwargs.pop('pretrained_model_args', None)  # timm: a hub config's model_args, also in kwargs
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     feature_cfg = kwargs.pop('feature_cfg', None) or {}
@@ -591,7 +592,9 @@ def _create_volo(variant, pretrained=False, **kwargs):
                       outlook_attention=(True, False, False, False))
     model_args.update(kwargs)
     model = VOLO(img_size=img_size, **model_args)
+    cfg['architecture'] = variant  # timm's save_for_hf / push_to_hf_hub write it to config.json
     model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_model_args = source_args or {}
     if pretrained:
         # timm's loader: a local `file`, or the `url` downloaded once into torch.hub's cache
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,

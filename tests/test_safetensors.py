@@ -89,3 +89,19 @@ def test_validate_finetune_and_initial_checkpoint_read_safetensors(checkpoint, s
     assert os.path.isfile(os.path.join(run, 'last.pth.tar'))
     run = run_fast(shapes, tmp_path / 'b', '--epochs', '1', '--finetune', out, '--num-classes', '3')
     assert os.path.isfile(os.path.join(run, 'last.pth.tar'))
+
+
+@pytest.mark.parametrize('name', ['volo_d1', 'visformer_tiny'])
+def test_hub_folders_round_trip_through_timm(name, tmp_path):
+    """timm's save_for_hf writes what push_to_hf_hub uploads (config.json + model.safetensors);
+    timm.create_model('local-dir:...') reads it the way 'hf-hub:...' reads a downloaded repo."""
+    import timm
+    from timm.models import save_for_hf
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, img_size=64).eval()
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors']
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert type(loaded) is type(model) and loaded.pretrained_cfg['input_size'] == (3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
