@@ -22,3 +22,20 @@ def test_benchmark_runs_both_implementations_and_reports_mfu(tmp_path):
     assert out.read_text().count('"impl"') == 4
     assert benchmark.peak_tflops(benchmark.parse_args(['--peak-tflops', '5']), 'cpu') == 5.
     assert benchmark.peak_tflops(benchmark.parse_args([]), 'cpu') is None
+
+
+def test_loader_benchmark_counts_the_files_each_loader_opens(tmp_path):
+    """16 images, shards of 4, one worker: a folder epoch opens every image (and every label file
+    with token labels), a shard epoch each of the 4 shards once. Run apart: the opens are counted
+    by an audit hook, which stays in the process that installs it."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, '-m', 'tools.benchmark_loader', '--root', str(tmp_path), '--images', '16',
+                           '--img-size', '32', '-b', '4', '--workers', '1', '--batches', '1', '--shard-size', '4',
+                           '--device', 'cpu'], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    opens = {line[:24].strip(): int(line.split('img/s')[1].split()[0])
+             for line in done.stdout.splitlines() if 'file opens' in line}
+    assert opens == {'folder, plain': 16, 'shards, plain': 4, 'folder, token labels': 32, 'shards, token labels': 4}

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Images/s of the token-label training loader against timm's plain training loader.
+"""Images/s of the training loaders: token labels against timm's plain loader, and image folders
+against tar shards (tools/make_shards.py), with the files each opens in an epoch.
 
     python -m tools.benchmark_loader --workers 2 --img-size 224 --images 512
 
@@ -8,9 +9,15 @@ Both read the same generated JPEG folder (ImageNet-like 375x500 images, 18x18 la
 the same device. The token-label loader runs RandAugment on the full image before the crop (the
 reference's order) or, with 'aa after crop', on the crop as timm does. 'targets' adds
 create_token_label_target (14x14 token labels) to each batch.
+
+Folders vs shards: one whole epoch each (after a warm-up epoch, so both read from the page cache),
+plain and token-label targets, the same transforms, workers and batch size; file opens are
+counted in the loader's processes (an audit hook the forked workers inherit).
 """
 import argparse
+import multiprocessing
 import os
+import sys
 import tempfile
 import time
 
@@ -19,7 +26,9 @@ import torch
 from PIL import Image
 from timm.data import create_dataset, create_loader
 
-from data import DatasetTokenLabel, create_token_label_loader, create_token_label_target
+from data import (DatasetTokenLabel, create_shard_train_loader, create_token_label_loader, create_token_label_target,
+                  create_train_loader, find_shard_split, fix_posterize, set_epoch)
+from tools.make_shards import make_shards
 
 
 def make_folder(root, images, classes=10, num_label_classes=1000, map_size=18, seed=0):
@@ -50,6 +59,57 @@ def rate(loader, batches, warmup, batch_size, on_batch=None):
     return batches * batch_size / (time.perf_counter() - start)
 
 
+class OpenCounter:
+    """Files under `root` opened by this process and the worker processes it forks from now on."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.count = multiprocessing.Value('l', 0)
+        sys.addaudithook(self._hook)  # audit hooks cannot be removed: they stay for the process
+
+    def _hook(self, event, args):
+        if event == 'open' and isinstance(args[0], str) and os.path.abspath(args[0]).startswith(self.root):
+            with self.count.get_lock():
+                self.count.value += 1
+
+
+def epoch_rate(loader, counter, batch_size):
+    """(images/s, files opened) over one whole epoch, after a warm-up epoch."""
+    for epoch in range(2):
+        set_epoch(loader, epoch)
+        counter.count.value = 0
+        start = time.perf_counter()
+        batches = sum(1 for _ in loader)
+        elapsed = time.perf_counter() - start
+    return batches * batch_size / elapsed, counter.count.value
+
+
+def folders_vs_shards(args, root, device):
+    shard_root = os.path.join(root, 'shards')
+    if not os.path.isdir(shard_root):
+        make_shards(root, shard_root, os.path.join(root, 'labels'), shard_size=args.shard_size)
+    split = find_shard_split(shard_root, 'train')
+    counter = OpenCounter(root)
+    common = dict(auto_augment=args.aa, interpolation='random', re_prob=args.reprob, num_workers=args.workers,
+                  device=device, persistent_workers=True)
+    train = os.path.join(root, 'train')
+    loaders = {
+        'folder, plain': create_train_loader(train, args.img_size, args.batch_size, **common),
+        'shards, plain': create_shard_train_loader(split, args.img_size, args.batch_size, **common),
+        'folder, token labels': create_token_label_loader(
+            DatasetTokenLabel(train, os.path.join(root, 'labels')), args.img_size, args.batch_size, **common),
+        'shards, token labels': create_shard_train_loader(split, args.img_size, args.batch_size, token_labels=True,
+                                                          num_classes=1000, **common),
+    }
+    print(f'# one epoch of {len(loaders["folder, plain"]) * args.batch_size} images, {len(split.urls)} shards of '
+          f'{args.shard_size}; {args.workers} workers, batch {args.batch_size}')
+    results = {}
+    for name, loader in loaders.items():
+        results[name] = epoch_rate(loader, counter, args.batch_size)
+        print(f'{name:24s} {results[name][0]:8.1f} img/s  {results[name][1]:6d} file opens an epoch')
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--root', default=None, help='reuse/generate the folder here (default: a temp dir)')
@@ -61,6 +121,7 @@ def main(argv=None):
     p.add_argument('--aa', default='rand-m9-mstd0.5-inc1')
     p.add_argument('--reprob', type=float, default=0.25)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--shard-size', type=int, default=128, help='samples per shard (folders vs shards)')
     args = p.parse_args(argv)
     root = args.root or tempfile.mkdtemp(prefix='loader_bench_')
     if not os.path.isdir(os.path.join(root, 'train')):
@@ -71,6 +132,7 @@ def main(argv=None):
     plain = create_loader(plain_ds, (3, args.img_size, args.img_size), args.batch_size, is_training=True,
                           use_prefetcher=True, auto_augment=args.aa, interpolation='random', device=device,
                           **common)
+    fix_posterize(plain_ds.transform)  # Pillow 12 rejects timm's 0-bit posterize (data/augment_compat.py)
     token_ds = DatasetTokenLabel(os.path.join(root, 'train'), os.path.join(root, 'labels'))
     token = create_token_label_loader(token_ds, args.img_size, args.batch_size, auto_augment=args.aa,
                                       interpolation='random', device=device, **common)
@@ -95,6 +157,7 @@ def main(argv=None):
           f'{args.aa}, reprob {args.reprob}, device {device}')
     for name, r in results.items():
         print(f'{name:24s} {r:8.1f} img/s  ({(base / r - 1) * 100:+.1f}% time vs timm)')
+    folders_vs_shards(args, root, device)
 
 
 if __name__ == '__main__':

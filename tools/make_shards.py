@@ -103,15 +103,18 @@ def shard_is_complete(path, chunk):
         return False
 
 
-def write_shard(path, chunk, num_classes, label_size):
-    """The shard under a temporary name, renamed when complete; returns the label size found."""
+def write_shard(path, chunk, label_size):
+    """The shard under a temporary name, renamed when complete; returns the label size found.
+    Label maps are checked (shape, size, finite, whole class indices); their class indices are
+    checked against the model's class count when training reads them (a teacher's classes may
+    outnumber the folders)."""
     staging = path + PARTIAL
     with open(staging, 'wb') as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0, user='', group='', mode=0o444)
         for sample in chunk:
             fields = members(sample)
             if LABEL_FIELD in fields:  # a damaged label file is found now, not in the middle of training
-                label = load_label_map(sample['label'], num_classes, label_size, data=fields[LABEL_FIELD])
+                label = load_label_map(sample['label'], None, label_size, data=fields[LABEL_FIELD])
                 label_size = label_size or tuple(label.shape[2:])
             writer.write({'__key__': sample['key'], **fields})
         writer.close()
@@ -136,11 +139,11 @@ def make_split(plan, root, split, output, class_names, label_root, shard_size, s
         if shard_is_complete(path, chunk):
             kept += 1
             continue
-        label_size = write_shard(path, chunk, len(class_names), label_size)
+        label_size = write_shard(path, chunk, label_size)
         _logger.info('%s: %d samples', path, len(chunk))
     if label_root and label_size is None:  # every shard was kept: the size comes from the first map
         first = plan[0]['label']
-        label_size = tuple(load_label_map(first, len(class_names)).shape[2:])
+        label_size = tuple(load_label_map(first).shape[2:])
     if kept:
         _logger.info('%s: kept %d complete shard(s) from an earlier run', out_dir, kept)
     index = dict(format=INDEX_FORMAT, version=1, split=split, source=os.path.abspath(os.path.join(root, split)),
