@@ -521,6 +521,9 @@ def main(argv=None):
                          f'the maps come from the data ({"tools/make_shards.py --token-label-data" if args.dataset == "wds" else "not supported"})')
     if args.dataset == 'wds':
         setup.token_label_maps = args.token_label and train_data.label_size is not None
+        if args.token_label and not setup.token_label_maps:
+            _logger.warning('%s holds no token-label maps (make the shards with --token-label-data): --token-label '
+                            'trains the dense head with the image label', train_data.where)
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224

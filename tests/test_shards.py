@@ -120,20 +120,22 @@ def key(sample):
 
 dist.init_process_group('gloo')
 split = find_shard_split(sys.argv[1], 'train')
-batch_size = int(sys.argv[2])
-stream = ShardStream(split, key, batch_size, training=True, seed=3, shuffle_buffer=4)
-loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=2, persistent_workers=True)
-epochs = []
-for epoch in range(2):
-    stream.set_epoch(epoch)
-    batches = [keys.tolist() for keys, _ in loader]
-    assert all(len(b) == batch_size for b in batches), batches
-    assert len(batches) == len(loader), (len(batches), len(loader))
-    epochs.append([k for b in batches for k in b])
-gathered = [None, None]
-dist.all_gather_object(gathered, epochs)
+results = {}
+for batch_size in (4, 5):
+    stream = ShardStream(split, key, batch_size, training=True, seed=3, shuffle_buffer=4)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        batches = [keys.tolist() for keys, _ in loader]
+        assert all(len(b) == batch_size for b in batches), batches
+        assert len(batches) == len(loader), (len(batches), len(loader))
+        epochs.append([k for b in batches for k in b])
+    gathered = [None, None]
+    dist.all_gather_object(gathered, epochs)
+    results[batch_size] = gathered
 if dist.get_rank() == 0:
-    print('RESULT', json.dumps(gathered))
+    print('RESULT', json.dumps(results))
 dist.destroy_process_group()
 '''
 
@@ -144,8 +146,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('batch_size, expected', [(4, 24), (5, 20)])
-def test_two_gloo_processes_see_each_sample_once_per_epoch(shards, batch_size, expected):
+def test_two_gloo_processes_see_each_sample_once_per_epoch(shards):
     """24 samples in shards of 5, 2 ranks x 2 workers: -b 4 covers all of them once; -b 5 leaves
     out the 4 that full batches cannot hold (as folders do), none twice."""
     port = free_port()
@@ -153,17 +154,19 @@ def test_two_gloo_processes_see_each_sample_once_per_epoch(shards, batch_size, e
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
                    PYTHONPATH=REPO)
-        procs.append(subprocess.Popen([sys.executable, '-c', GLOO_SCRIPT, shards, str(batch_size)], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, '-c', GLOO_SCRIPT, shards], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    result = json.loads(outs[0][0].split('RESULT ', 1)[1])
-    for epoch in range(2):
-        keys = result[0][epoch] + result[1][epoch]
-        assert len(result[0][epoch]) == len(result[1][epoch]) == expected // 2
-        assert len(set(keys)) == len(keys) == expected
-        assert set(keys) <= set(range(24))
-    assert result[0][0] != result[0][1]  # a new order every epoch
+    results = json.loads(outs[0][0].split('RESULT ', 1)[1])
+    for batch_size, expected in (('4', 24), ('5', 20)):
+        result = results[batch_size]
+        for epoch in range(2):
+            keys = result[0][epoch] + result[1][epoch]
+            assert len(result[0][epoch]) == len(result[1][epoch]) == expected // 2
+            assert len(set(keys)) == len(keys) == expected
+            assert set(keys) <= set(range(24))
+        assert result[0][0] != result[0][1]  # a new order every epoch
 
 
 def test_shards_without_an_index_need_the_epoch_length(shards, tmp_path):

@@ -86,8 +86,7 @@ def epoch_rate(loader, counter, batch_size):
 
 def folders_vs_shards(args, root, device):
     shard_root = os.path.join(root, 'shards')
-    if not os.path.isdir(shard_root):
-        make_shards(root, shard_root, os.path.join(root, 'labels'), shard_size=args.shard_size)
+    make_shards(root, shard_root, os.path.join(root, 'labels'), shard_size=args.shard_size)  # keeps complete ones
     split = find_shard_split(shard_root, 'train')
     counter = OpenCounter(root)
     common = dict(auto_augment=args.aa, interpolation='random', re_prob=args.reprob, num_workers=args.workers,
