@@ -642,7 +642,7 @@ def main(argv=None):
         start_batch = mid_epoch['batch'] if mid_epoch and epoch == start_epoch else 0
         set_epoch(loader_train, epoch, start_batch)
         if setup.distributed and loader_train.sampler is not None:
-            indices = list(iter(loader_train.sampler))
+            indices = loader_train.sampler.epoch_indices()
             _logger.info('Rank %d: epoch %d, %d training samples, first %s', setup.rank, epoch, len(indices),
                          indices[:6])
         lr = current_lr(optimizer)

@@ -25,20 +25,30 @@ def _device(device):
 class EpochSampler(torch.utils.data.DistributedSampler):
     """The training order: a permutation seeded by (seed, epoch), this rank's share of it (one
     rank without a process group), starting `start_batch` batches in when a run resumes mid-epoch.
-    len() stays the whole epoch's share."""
+    len() stays the whole epoch's share. Iterated again without set_epoch, it moves on to the next
+    epoch (a new order every pass, as a shuffling loader gives)."""
 
     def __init__(self, dataset, batch_size, distributed=False, seed=0):
         kwargs = {} if distributed else dict(num_replicas=1, rank=0)
         super().__init__(dataset, shuffle=True, seed=seed, drop_last=True, **kwargs)
         self.batch_size = batch_size
         self.start_batch = 0
+        self._iterated = False
 
     def set_epoch(self, epoch, start_batch=0):
         super().set_epoch(epoch)
         self.start_batch = start_batch
+        self._iterated = False
+
+    def epoch_indices(self):
+        """This epoch's indices (from start_batch on), without counting as a pass."""
+        return list(itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None))
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None)
+        if self._iterated:
+            self.set_epoch(self.epoch + 1)
+        self._iterated = True
+        return iter(self.epoch_indices())
 
 
 def set_epoch(loader, epoch, start_batch=0):
