@@ -666,7 +666,7 @@ def main(argv=None):
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric],
                                                             summary_row=row)
             write_summary(summary_path, saver.summary_rows)
-            tracker.log_epoch(epoch, row, step=(epoch + 1) * len(loader_train))
+            tracker.log_epoch(epoch, row)
     if tracker is not None:
         tracker.close()
     if best_metric is not None:

@@ -205,8 +205,9 @@ def hf_dataset(name, root, split, is_training=False):
     from timm.data import create_dataset
     try:
         return create_dataset(name, root=root, split=split, is_training=is_training)
-    except ImportError:
-        raise DataError(f'--dataset {name} needs the Hugging Face datasets package: pip install datasets') from None
+    except ImportError as e:
+        raise DataError(f'--dataset {name} needs the Hugging Face datasets package (pip install datasets); importing '
+                        f'it failed: {e}') from None
     except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds; one message names the split
         raise DataError(f'--dataset {name}: cannot load split {split!r}: {e}') from None
 

@@ -76,8 +76,10 @@ def test_wandb_offline_and_tensorboard_hold_the_summary(shapes, tmp_path, monkey
         assert logged['epoch/epoch'] == int(row['epoch'])
         for column in SUMMARY_COLUMNS:
             assert logged[f'epoch/{column}'] == float(row[column]), column  # doubles: exactly the CSV's
-    step_losses = [h['train/loss'] for h in history if 'train/loss' in h]
-    assert step_losses == pytest.approx([s.value for s in steps], rel=1e-6)
+    step_rows = [h for h in history if 'train/loss' in h]
+    assert [h['train/step'] for h in step_rows] == [1, 2, 3, 4, 5, 6]
+    assert [h['train/loss'] for h in step_rows] == pytest.approx([s.value for s in steps], rel=1e-6)
+    assert [h['_step'] for h in history] == list(range(8))  # 3 steps, a row, 3 steps, a row: none refused
     run_record = next(r.run for r in records if r.WhichOneof('record_type') == 'run')
     assert run_record.project == 'volo-tests' and list(run_record.tags) == ['shapes', 'cpu']
 

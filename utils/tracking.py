@@ -2,8 +2,9 @@
 (--log-tensorboard DIR), both optional packages, used on rank 0 only.
 
 Per training step: train/loss, train/lr, train/images_per_s, train/data_time (x: the update
-count). Per epoch: every column of the summary.csv row under epoch/ (x: the epoch), the same
-numbers summary.csv holds. W&B runs offline with WANDB_MODE=offline.
+count, train/step). Per epoch: every column of the summary.csv row under epoch/ (x: the epoch),
+the same numbers summary.csv holds. W&B runs offline with WANDB_MODE=offline; each call is its own
+W&B row (W&B's own step only counts rows), so no row can be refused as out of order.
 """
 import logging
 import numbers
@@ -38,6 +39,7 @@ class Tracker:
             resume = dict(id=args.wandb_resume_id, resume='must') if args.wandb_resume_id else {}
             self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=config,
                                     tags=args.wandb_tags or None, dir=output_dir, **resume)
+            self.wandb.define_metric('train/*', step_metric='train/step')
             self.wandb.define_metric('epoch/*', step_metric='epoch/epoch')
             _logger.info('W&B run %s (%s)', self.wandb.id, self.wandb.settings.mode)
         if args.log_tensorboard:
@@ -48,17 +50,17 @@ class Tracker:
     def log_step(self, step, metrics):
         metrics = {f'train/{k}': float(v) for k, v in metrics.items()}
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({'train/step': step, **metrics})
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(name, value, step)
 
-    def log_epoch(self, epoch, row, step):
+    def log_epoch(self, epoch, row):
         """The summary row of `epoch` (its numeric columns)."""
         metrics = {f'epoch/{k}': float(v) for k, v in row.items()
                    if isinstance(v, numbers.Number) and not isinstance(v, bool)}
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log(metrics)
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 if name != 'epoch/epoch':
