@@ -1,6 +1,7 @@
 import argparse
 import logging
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -195,3 +196,16 @@ def test_wrong_variant_message_does_not_mention_classes(tmp_path, caplog):
         with pytest.raises(CheckpointError, match='looks like volo_d1, but the model is volo_d2') as err:
             load_pretrained_weights(models.volo_d2(img_size=64, num_classes=4), str(path))
     assert 'class' not in caplog.text and 'class' not in str(err.value)
+
+
+def test_damaged_bytes_are_always_a_checkpoint_error(tmp_path):
+    """A pickle opcode followed by noise fails inside the weights-only unpickler in many ways
+    (IndexError, TypeError, ...); every one is a CheckpointError naming the file."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / 'noise.pth.tar'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch warns about the odd pickle protocols noise declares
+        for size in range(1, 301):
+            path.write_bytes(b'\x80' + rng.integers(0, 256, size=size % 97 + 1, dtype=np.uint8).tobytes())
+            with pytest.raises(CheckpointError, match='noise.pth.tar'):
+                safe_load(str(path))

@@ -156,7 +156,7 @@ def safe_load(path: str):
             f'refused to load {path}: it needs unpickling beyond tensors, containers and argparse.Namespace '
             f'({reason}). Nothing in it was executed. If you trust the file, convert it to a plain state_dict '
             f'with torch.load(..., weights_only=False) yourself.') from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - damaged bytes make the unpickler fail in many ways (IndexError, ...)
         raise CheckpointError(f'cannot read checkpoint {path} (truncated or not a PyTorch checkpoint): '
                               f'{type(e).__name__}: {e}') from None
 
