@@ -169,7 +169,7 @@ def validate_one(args, checkpoint, root):
         class_to_idx = shard_class_map(root, class_names)  # before any compute
     elif isinstance(root, str):
         class_to_idx = eval_class_indices(root, class_names)
-    elif hf_class_names(root) != list(class_names)[:len(hf_class_names(root))]:
+    elif hf_class_names(root) != list(class_names)[:len(root.reader.class_to_idx)]:
         raise DataError(f'--dataset {args.dataset}: its classes differ from those {classes_from} lists')
     if head_classes is not None and len(class_names) > head_classes:
         raise CheckpointError(f'{checkpoint or args.model} has a {head_classes}-class head, but {classes_from} '

@@ -122,9 +122,8 @@ def create_train_loader(root, img_size, batch_size, scale=(0.08, 1.0), ratio=(3.
 
 def token_label_transform(img_size, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.), hflip=0.5, vflip=0., auto_augment=None,
                           interpolation='random', mean=IMAGENET_DEFAULT_MEAN, aa_after_crop=False):
-    img_size = img_size[-2:] if isinstance(img_size, (tuple, list)) else img_size
-    return TokenLabelTrainTransform(img_size=tuple(img_size) if isinstance(img_size, (tuple, list)) else img_size,
-                                    scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, auto_augment=auto_augment,
+    img_size = tuple(img_size[-2:]) if isinstance(img_size, (tuple, list)) else img_size
+    return TokenLabelTrainTransform(img_size=img_size, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, auto_augment=auto_augment,
                                     interpolation=interpolation, mean=mean, aa_after_crop=aa_after_crop)
 
 
