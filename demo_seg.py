@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The segmentation demo: generate a small dataset in the folder format (first run only), train
+"""The segmentation demo: generate a small dataset in the seg-folder format (first run only), train
 VOLO-D1 + UperNet on it from scratch on the CPU (configs/seg/demo.yaml, a few minutes), evaluate
 the best checkpoint and write colour overlays of its predictions.
 
@@ -26,13 +26,13 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'se
 
 def majority_class_miou(root, split='val'):
     """mIoU (percent) of predicting the training split's most frequent class everywhere."""
-    train = build_seg_dataset('folder', root, 'train')
+    train = build_seg_dataset('seg-folder', root, 'train')
     counts = np.zeros(train.num_classes, dtype=np.int64)
     for i in range(len(train)):
         label = train.read_label(i)
         counts += np.bincount(label[label != 255], minlength=train.num_classes)[:train.num_classes]
     majority = int(counts.argmax())
-    val = build_seg_dataset('folder', root, split)
+    val = build_seg_dataset('seg-folder', root, split)
     metric = SegmentationMetric(val.num_classes)
     for i in range(len(val)):
         label = torch.from_numpy(val.read_label(i).astype(np.int64))
@@ -46,7 +46,7 @@ def main(argv=None):
     p.add_argument('--output', default='output')
     p.add_argument('--iters', type=int, default=None, help='override the recipe (configs/seg/demo.yaml)')
     args = p.parse_args(argv)
-    make_seg_dataset(args.data, 'folder', num_classes=5, train=200, val=40, size=(64, 64), seed=0)
+    make_seg_dataset(args.data, 'seg-folder', num_classes=5, train=200, val=40, size=(64, 64), seed=0)
     train_args = [args.data, '-c', CONFIG, '--output', args.output]
     if args.iters is not None:
         train_args += ['--iters', str(args.iters), '--eval-interval', str(args.iters)]

@@ -2,7 +2,7 @@
 # One training process per GPU (or CPU process with gloo) on this node, through torchrun.
 #   ./distributed_train.sh NUM_PROC /path/to/imagenet [main.py arguments]
 #   ./distributed_train.sh NUM_PROC --script train_seg.py /path/to/ADEChallengeData2016 [train_seg.py arguments]
-# Across nodes, call torchrun yourself (see README): torchrun --nnodes ... main.py ...
+# Across nodes, call torchrun yourself (see docs/training.md): torchrun --nnodes ... main.py ...
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 NUM_PROC [--script main.py|train_seg.py] [script arguments]" >&2

@@ -12,57 +12,39 @@ share of the data. Outputs go to <output>/train/<time>-<model>-<img>/; --log-wan
 --log-tensorboard DIR track the run.
 """
 import argparse
-import glob
 import logging
-import os
-import random
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Optional
 
 import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import yaml
-from torchvision.datasets.folder import find_classes
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV2, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir
+from timm.utils import ModelEmaV2, distribute_bn
 
 import models  # noqa: F401  (registers this repo's models with timm)
-from data import (DataError, DatasetTokenLabel, TokenLabelMixup, create_eval_loader, create_shard_eval_loader,
-                  create_shard_train_loader, create_token_label_loader, create_token_label_target, create_train_loader,
-                  eval_class_indices, eval_transform, find_shard_split, find_split, hf_class_names, hf_dataset,
-                  set_epoch, shard_class_map, train_transform, wrap_loader)
+from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
+from engine import (RunDirectory, add_training_options, check_finite_loss, extends_run, find_resume, optimizer_step,
+                    parse_with_config, resolved_later, run_trainer, setup_runtime)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
-from utils import CheckpointError, load_pretrained_weights, resolve_checkpoint_path, resume_checkpoint, safe_load
-from utils.checkpoint_saver import CheckpointSaver, DiskFullError
-from utils.cli import NonFiniteLoss, UsageError, run_cli
-from utils.config import ConfigError, dataset_type, non_negative_int, positive_int, read_config_defaults
+from utils import load_pretrained_weights, resume_checkpoint
+from utils.cli import UsageError
+from utils.config import dataset_type, non_negative_int, positive_int
 from utils.evaluation import evaluate
-from utils.log import log_to_file, setup_logging
-from utils.runs import ResumeError, RunLock, find_resume_checkpoint, promote
-from utils.runtime import DeviceError, init_distributed, native_amp
-from utils.summary import truncate_summary, write_summary
-from utils.tracking import Tracker, check_tracking
+from utils.log import setup_logging
 
 _logger = logging.getLogger('train')
 
 
-def get_parsers():
-    config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
-    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                               help='YAML file of argument defaults (keys are argument names)')
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                   help='YAML file of argument defaults; the command line overrides it')
+    add_training_options(p, output='./output', seed=42, log_interval=50, workers=8)
     # dataset / model
     p.add_argument('data_dir', metavar='DIR', help='dataset root with train/ and val/ class folders (or shards)')
     p.add_argument('--dataset', '-d', metavar='NAME', default='', type=dataset_type,
@@ -76,21 +58,19 @@ def get_parsers():
     p.add_argument('--shuffle-buffer', type=positive_int, default=1000, metavar='N',
                    help='wds: each loader worker shuffles its samples within a buffer of N')
     p.add_argument('--model', default='volo_d1', type=str)
-    p.add_argument('--pretrained', action='store_true', default=False)
+    p.add_argument('--pretrained', action='store_true', default=False, help="start from the model's released weights")
     p.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH')
-    p.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help="checkpoint to resume, or 'auto': the newest last.pth.tar under --output")
-    p.add_argument('--no-resume-opt', action='store_true', default=False)
-    p.add_argument('--num-classes', type=positive_int, default=None, metavar='N',
-                   help='default: the number of class folders in the training split')
-    p.add_argument('--img-size', type=positive_int, default=None, metavar='N')
+    extends_run(p.add_argument('--no-resume-opt', action='store_true', default=False))
+    resolved_later(p.add_argument('--num-classes', type=positive_int, default=None, metavar='N',
+                                  help='default: the number of class folders in the training split'))
+    resolved_later(p.add_argument('--img-size', type=positive_int, default=None, metavar='N'))
     p.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar='N N N')
     p.add_argument('--crop-pct', default=None, type=float, help='validation center-crop fraction')
     p.add_argument('--mean', type=float, nargs='+', default=None)
     p.add_argument('--std', type=float, nargs='+', default=None)
     p.add_argument('--interpolation', default='', type=str, help='validation resize interpolation')
     p.add_argument('-b', '--batch-size', type=positive_int, default=128, help='per-process batch size')
-    p.add_argument('-vb', '--validation-batch-size-multiplier', type=positive_int, default=1)
+    extends_run(p.add_argument('-vb', '--validation-batch-size-multiplier', type=positive_int, default=1))
     # optimizer
     p.add_argument('--opt', default='adamw', type=str)
     p.add_argument('--opt-eps', default=None, type=float)
@@ -109,8 +89,8 @@ def get_parsers():
     p.add_argument('--lr-cycle-limit', type=int, default=1)
     p.add_argument('--warmup-lr', type=float, default=1e-6)
     p.add_argument('--min-lr', type=float, default=1e-5)
-    p.add_argument('--epochs', type=positive_int, default=300)
-    p.add_argument('--start-epoch', default=None, type=non_negative_int)
+    extends_run(p.add_argument('--epochs', type=positive_int, default=300))
+    extends_run(p.add_argument('--start-epoch', default=None, type=non_negative_int))
     p.add_argument('--decay-epochs', type=float, default=30)
     p.add_argument('--warmup-epochs', type=non_negative_int, default=20)
     p.add_argument('--cooldown-epochs', type=non_negative_int, default=10)
@@ -118,7 +98,7 @@ def get_parsers():
     p.add_argument('--decay-rate', '--dr', type=float, default=0.1)
     # augmentation / regularisation
     p.add_argument('--no-aug', action='store_true', default=False)
-    p.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    p.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], help='random-resized-crop area range')
     p.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
     p.add_argument('--hflip', type=float, default=0.5)
     p.add_argument('--vflip', type=float, default=0.)
@@ -141,37 +121,21 @@ def get_parsers():
     # batch norm
     p.add_argument('--bn-momentum', type=float, default=None, help="every BatchNorm's momentum (default: the model's)")
     p.add_argument('--bn-eps', type=float, default=None, help="every BatchNorm's eps (default: the model's)")
-    p.add_argument('--sync-bn', action='store_true')
+    p.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=False,
+                   help='SyncBatchNorm across processes (default: off)')
     p.add_argument('--dist-bn', type=str, default='', help="'broadcast', 'reduce' or ''")
     # EMA
     p.add_argument('--model-ema', action='store_true', default=False)
     p.add_argument('--model-ema-force-cpu', action='store_true', default=False)
     p.add_argument('--model-ema-decay', type=float, default=0.99992)
     # misc
-    p.add_argument('--seed', type=int, default=42)
-    p.add_argument('--log-interval', type=positive_int, default=50)
-    p.add_argument('--recovery-interval', type=non_negative_int, default=0)
-    p.add_argument('--checkpoint-hist', type=non_negative_int, default=10,
-                   help='how many of the best checkpoint-<epoch> files to keep (0: none; last and best always)')
-    p.add_argument('-j', '--workers', type=non_negative_int, default=8)
-    p.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.amp)')
-    p.add_argument('--apex-amp', action='store_true', default=False,
-                   help='NVIDIA apex O1 when importable, else native AMP')
-    p.add_argument('--native-amp', action='store_true', default=False)
-    p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    extends_run(p.add_argument('--recovery-interval', type=non_negative_int, default=0))
+    extends_run(p.add_argument('--checkpoint-hist', type=non_negative_int, default=10,
+                               help='how many of the best checkpoint-<epoch> files to keep (0: none; last and best '
+                                    'always)'))
     p.add_argument('--channels-last', action='store_true', default=False)
-    p.add_argument('--pin-mem', action='store_true', default=False)
-    p.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default ./output)')
+    extends_run(p.add_argument('--pin-mem', action='store_true', default=False))
     p.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
-    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    # experiment tracking
-    p.add_argument('--log-wandb', action='store_true', default=False, help='log to Weights & Biases (pip install wandb)')
-    p.add_argument('--wandb-project', default=None, type=str, help='W&B project')
-    p.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='W&B tags')
-    p.add_argument('--wandb-resume-id', default='', type=str, help='continue this W&B run id')
-    p.add_argument('--log-tensorboard', default='', type=str, metavar='DIR',
-                   help='write TensorBoard events to DIR (pip install tensorboard)')
-    p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     # token labeling
     p.add_argument('--token-label', action='store_true', default=False, help='dense token-level training loss')
     p.add_argument('--token-label-data', type=str, default='', metavar='DIR', help='token-label maps (tlt format)')
@@ -183,67 +147,18 @@ def get_parsers():
                    help='token labels: RandAugment on the crop (faster) instead of the full image (the reference)')
     # finetune
     p.add_argument('--finetune', default='', type=str, metavar='PATH', help='checkpoint file or run directory')
-    return config_parser, p
+    return p
 
 
 def parse_args(argv=None):
-    """Arguments from the command line over the YAML defaults of -c FILE; every YAML value passes
-    the same type, choice and range checks as the command line (utils/config.py)."""
-    config_parser, parser = get_parsers()
-    args_config, remaining = config_parser.parse_known_args(argv)
-    if args_config.config:
-        try:
-            parser.set_defaults(**read_config_defaults(parser, args_config.config))
-        except ConfigError as e:
-            parser.error(str(e))
-    args = parser.parse_args(remaining)
-    args.config = args_config.config
+    """Arguments from the command line over the YAML defaults of -c FILE (engine/options.py)."""
+    parser = get_parser()
+    args = parse_with_config(parser, argv)
     if args.input_size is not None and args.img_size is not None and args.input_size[-1] != args.img_size:
         parser.error(f'--input-size {" ".join(map(str, args.input_size))} disagrees with --img-size {args.img_size}')
     if args.input_size is not None and args.input_size[-1] != args.input_size[-2]:
         parser.error(f'--input-size {" ".join(map(str, args.input_size))}: only square inputs are supported')
-    return args, yaml.safe_dump(vars(args), default_flow_style=False)
-
-
-@dataclass
-class Setup:
-    """What main() resolves once from the arguments and the environment; the functions below take
-    it instead of re-deriving settings from args (args stays what the user asked for)."""
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    distributed: bool = False
-    token_label_maps: bool = False  # dense token labels read from --token-label-data
-    autocast: Callable = nullcontext
-    loss_scaler: Optional[NativeScaler] = None
-    amp: Optional[str] = None       # 'apex', 'native' or None
-
-
-def setup_distributed(args):
-    """torchrun's env:// rendezvous when WORLD_SIZE > 1 (utils/runtime.py)."""
-    try:
-        device, rank, world_size = init_distributed(args.device, args.local_rank)
-    except DeviceError as e:
-        raise UsageError(str(e)) from None
-    return Setup(device=device, rank=rank, world_size=world_size, distributed=world_size > 1,
-                 token_label_maps=bool(args.token_label and args.token_label_data))
-
-
-def resolve_amp(args, device):
-    """(autocast factory, loss scaler or None, 'apex'|'native'|None)."""
-    use_amp = args.amp or args.native_amp or args.apex_amp
-    if not use_amp:
-        return nullcontext, None, None
-    if args.apex_amp:
-        try:
-            from apex import amp as apex_amp  # noqa: F401
-            if device.type == 'cuda':
-                return nullcontext, None, 'apex'
-            _logger.warning('--apex-amp: apex needs CUDA; using native torch.amp instead')
-        except ImportError:
-            _logger.warning('--apex-amp: NVIDIA apex is not installed; using native torch.amp instead')
-    autocast, scaler = native_amp(device, args.amp_dtype)
-    return autocast, scaler, 'native'
+    return args
 
 
 def has_dense_head(model):
@@ -293,7 +208,7 @@ def set_batchnorm(model, momentum=None, eps=None):
                 m.eps = eps
 
 
-def check_token_labels(args, model, setup):
+def check_token_labels(args, model, token_label_maps):
     """Token-label settings that cannot work are errors now, not after the first batch."""
     if not args.token_label:
         if args.token_label_data:
@@ -302,18 +217,18 @@ def check_token_labels(args, model, setup):
     if not has_dense_head(model):
         raise UsageError(f'--token-label needs a model with a dense (token) head such as VOLO; '
                          f'{args.model} has none. Drop --token-label to train it with plain or mixup targets')
-    if setup.token_label_maps and args.aa and not args.aa.startswith('rand'):
+    if token_label_maps and args.aa and not args.aa.startswith('rand'):
         raise UsageError(f'--aa {args.aa}: token-label maps follow RandAugment ("rand-...") only')
     grid = token_grid(model)
-    if setup.token_label_maps and args.token_label_size != 1 and grid is not None:
+    if token_label_maps and args.token_label_size != 1 and grid is not None:
         if grid[0] != grid[1] or args.token_label_size != grid[0]:
             raise UsageError(
                 f'--token-label-size {args.token_label_size} does not match {args.model} at {args.img_size} px: '
                 f'its token grid is {grid[0]}x{grid[1]}; use --token-label-size {grid[0]}')
 
 
-def build_train_loss(args, model, setup):
-    if setup.token_label_maps and args.token_label_size == 1:
+def build_train_loss(args, model, token_label_maps):
+    if token_label_maps and args.token_label_size == 1:
         return TokenLabelSoftTargetCrossEntropy()
     if has_dense_head(model):
         # token labels, or plain / mixup targets copied to every token
@@ -323,59 +238,40 @@ def build_train_loss(args, model, setup):
     return SoftTargetCrossEntropy()
 
 
-def build_mixup(args, setup):
+def build_mixup(args, runtime, token_label_maps):
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
     mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                       switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                       num_classes=args.num_classes)
-    if setup.token_label_maps:
+    if token_label_maps:
         if args.cutmix_minmax is not None:
             raise UsageError('--cutmix-minmax is not supported with token labels')
-        return TokenLabelMixup(label_size=args.token_label_size, seed=args.seed + setup.rank, **mixup_args)
+        return TokenLabelMixup(label_size=args.token_label_size, seed=args.seed + runtime.rank, **mixup_args)
     return Mixup(cutmix_minmax=args.cutmix_minmax, **mixup_args)
 
 
 def resolve_classes(args):
-    """Check the data now; the class count defaults to the training split's, and the validation
-    split is read with the training split's class list (checked against it). Returns the (train,
-    eval) splits (folders, ShardSplits or timm datasets), the class names and the evaluation
-    split's class indices."""
-    kind = args.dataset.split('/')[0] if args.dataset else 'folder'
-    if kind == 'wds':
-        train, evaluation = (find_shard_split(args.data_dir, s) for s in (args.train_split, args.val_split))
-        class_names = train.class_names
-        if class_names is None:
-            if args.num_classes is None:
-                raise UsageError(f'{train.where}: the shards have no index.json naming their classes; give '
-                                 f'--num-classes')
-            class_names = [str(i) for i in range(args.num_classes)]
-        eval_classes = shard_class_map(evaluation, class_names)
-    elif kind == 'hfds':
-        train = hf_dataset(args.dataset, args.data_dir, args.train_split, is_training=True)
-        evaluation = hf_dataset(args.dataset, args.data_dir, args.val_split)
-        class_names = hf_class_names(train)
-        if evaluation.reader.class_to_idx != train.reader.class_to_idx:
-            raise DataError(f'--dataset {args.dataset}: splits {args.train_split} and {args.val_split} have '
-                            f'different class lists')
-        eval_classes = None
-    else:
-        train, evaluation = find_split(args.data_dir, args.train_split), find_split(args.data_dir, args.val_split)
-        class_names = find_classes(train)[0]
-        eval_classes = eval_class_indices(evaluation, class_names)
-    where = getattr(train, 'where', train if isinstance(train, str) else f'{args.dataset} {args.train_split}')
+    """Open the splits and check the data now; the class count defaults to the training split's,
+    and the validation split is read with the training split's class list (checked against it).
+    Returns the (train, eval) splits (data/sources.py), the class names and the evaluation split's
+    class indices."""
+    train = open_split(args.dataset, args.data_dir, args.train_split, training=True)
+    evaluation = open_split(args.dataset, args.data_dir, args.val_split)
+    class_names = train.class_names(args.num_classes)
+    eval_classes = evaluation.class_map(class_names)
     if args.num_classes is None:
-        args.num_classes = len(class_names)
-        _logger.info('%d classes in %s', len(class_names), where)
+        args.num_classes = len(class_names)  # resolved: args.yaml records it
+        _logger.info('%d classes in %s', len(class_names), train.where)
     elif args.num_classes < len(class_names):
-        raise UsageError(f'--num-classes {args.num_classes}, but {where} has {len(class_names)} classes')
+        raise UsageError(f'--num-classes {args.num_classes}, but {train.where} has {len(class_names)} classes')
     return train, evaluation, class_names, eval_classes
 
 
-def build_loaders(args, setup, data_config, train_data, eval_data, eval_classes):
+def build_loaders(args, runtime, data_config, train_data, eval_data, eval_classes, token_label_maps):
     interpolation = args.train_interpolation or data_config['interpolation']
-    common = dict(num_workers=args.workers, pin_memory=args.pin_mem, device=setup.device, mean=data_config['mean'],
-                  std=data_config['std'])
+    loader = dict(num_workers=args.workers, pin_memory=args.pin_mem, device=runtime.device, mean=data_config['mean'],
+                  std=data_config['std'], distributed=runtime.distributed)
     img_size = data_config['input_size'][-1]
     augment = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
                    auto_augment=args.aa or None, interpolation=interpolation)
@@ -383,41 +279,25 @@ def build_loaders(args, setup, data_config, train_data, eval_data, eval_classes)
     if args.no_aug:
         augment.update(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0., auto_augment=None)
         erase.update(re_prob=0.)
-    eval_batch = args.validation_batch_size_multiplier * args.batch_size
-    eval_args = dict(crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'])
-    if args.dataset == 'wds':
-        train = create_shard_train_loader(
-            train_data, img_size, args.batch_size, token_labels=setup.token_label_maps, num_classes=args.num_classes,
-            color_jitter=args.color_jitter, aa_after_crop=args.aa_after_crop, seed=args.seed,
-            shuffle_buffer=args.shuffle_buffer, num_samples=args.train_num_samples, **augment, **erase, **common)
-        eval_loader = create_shard_eval_loader(eval_data, img_size, eval_batch, num_classes=args.num_classes,
-                                               class_map=eval_classes, **eval_args, **common)
-        return train, eval_loader
-    common['distributed'] = setup.distributed
-    if args.dataset.startswith('hfds/'):
-        train_data.transform = train_transform(img_size, color_jitter=args.color_jitter, **augment)
-        eval_data.transform = eval_transform(img_size, **eval_args)
-        train = wrap_loader(train_data, args.batch_size, is_training=True, seed=args.seed, **erase, **common)
-        return train, wrap_loader(eval_data, eval_batch, is_training=False, **common)
-    if setup.token_label_maps:
-        dataset = DatasetTokenLabel(train_data, args.token_label_data, num_classes=args.num_classes)
-        train = create_token_label_loader(dataset, img_size, args.batch_size, aa_after_crop=args.aa_after_crop,
-                                          seed=args.seed, **augment, **erase, **common)
-    else:
-        train = create_train_loader(train_data, img_size, args.batch_size, color_jitter=args.color_jitter,
-                                    seed=args.seed, **augment, **erase, **common)
-    eval_loader = create_eval_loader(eval_data, img_size, eval_batch, class_to_idx=eval_classes, **eval_args, **common)
+    train = train_data.train_loader(
+        img_size, args.batch_size, augment, erase, loader, token_labels=token_label_maps,
+        token_label_data=args.token_label_data if token_label_maps else '', num_classes=args.num_classes,
+        color_jitter=args.color_jitter, aa_after_crop=args.aa_after_crop, seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer, num_samples=args.train_num_samples)
+    eval_loader = eval_data.eval_loader(img_size, args.validation_batch_size_multiplier * args.batch_size,
+                                        data_config['crop_pct'], data_config['interpolation'], loader,
+                                        class_map=eval_classes, num_classes=args.num_classes)
     return train, eval_loader
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_scheduler, model_ema, mixup_fn,
-                    saver, tracker=None, start_batch=0, carried=(0., 0)):
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, runtime, token_label_maps, lr_scheduler,
+                    model_ema, mixup_fn, run, start_batch=0, carried=(0., 0)):
     """One epoch from batch `start_batch` on (a run resumed mid-epoch; `carried`: the loss sum and
     sample count of the batches before it, over all ranks)."""
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn = None
     model.train()
-    loss_sum, seen = (carried[0], carried[1]) if setup.rank == 0 else (0., 0)
+    loss_sum, seen = (carried[0], carried[1]) if runtime.is_main else (0., 0)
     batch_time = data_time = 0.
     steps = len(loader)
     num_updates = epoch * steps + start_batch
@@ -426,7 +306,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_sc
         data_time = time.perf_counter() - end
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
-        elif setup.token_label_maps:
+        elif token_label_maps:
             target = create_token_label_target(target, num_classes=args.num_classes, smoothing=args.smoothing,
                                                label_size=args.token_label_size)
         else:
@@ -434,30 +314,11 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_sc
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        with setup.autocast():
+        with runtime.amp.autocast():
             output = model(images)
             loss = loss_fn(output, target)
-        finite = torch.isfinite(loss.detach()).float()
-        if setup.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            raise NonFiniteLoss(f'non-finite loss ({loss.item()}) at epoch {epoch}, step {batch_idx}: stopping. '
-                                f'Checkpoints of completed epochs are left as they were.')
-
-        optimizer.zero_grad(set_to_none=True)
-        if setup.loss_scaler is not None:
-            setup.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                              parameters=model.parameters())
-        else:
-            if setup.amp == 'apex':
-                from apex import amp as apex_amp
-                with apex_amp.scale_loss(loss, optimizer) as scaled_loss:
-                    scaled_loss.backward()
-            else:
-                loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
+        check_finite_loss(loss, runtime, f'epoch {epoch}, step {batch_idx}')
+        optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad, args.clip_mode)
         if model_ema is not None:
             model_ema.update(model)
 
@@ -466,20 +327,19 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_sc
         num_updates += 1
         batch_time = time.perf_counter() - end
         last = batch_idx == steps - 1
-        images_per_s = images.shape[0] * setup.world_size / batch_time
-        if setup.rank == 0 and (last or batch_idx % args.log_interval == 0):
+        images_per_s = images.shape[0] * runtime.world_size / batch_time
+        if runtime.is_main and (last or batch_idx % args.log_interval == 0):
             _logger.info('Train: %d [%4d/%d (%3.0f%%)]  Loss: %.4f (%.4f)  %.1f img/s  LR: %.3e  Data: %.3fs',
                          epoch, batch_idx, steps, 100. * batch_idx / max(steps - 1, 1), loss.item(),
                          loss_sum / seen, images_per_s, current_lr(optimizer), data_time)
-        if tracker is not None:
-            tracker.log_step(num_updates, dict(loss=loss.item(), lr=current_lr(optimizer), images_per_s=images_per_s,
-                                               data_time=data_time))
+        run.log_step(num_updates, dict(loss=loss.item(), lr=current_lr(optimizer), images_per_s=images_per_s,
+                                       data_time=data_time))
         if args.recovery_interval and (last or (batch_idx + 1) % args.recovery_interval == 0):
             progress = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=next(model.parameters()).device)
-            if setup.distributed:  # every rank's part of the epoch so far, for a resumed run's epoch loss
+            if runtime.distributed:  # every rank's part of the epoch so far, for a resumed run's epoch loss
                 dist.all_reduce(progress)
-            if saver is not None:
-                saver.save_recovery(epoch, batch_idx=batch_idx, mid_epoch=dict(
+            if run.saver is not None:
+                run.saver.save_recovery(epoch, batch_idx=batch_idx, mid_epoch=dict(
                     batch=batch_idx + 1, steps=steps, loss_sum=progress[0].item(), seen=int(progress[1].item())))
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / seen)
@@ -487,7 +347,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, setup, lr_sc
 
     totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64,
                           device=next(model.parameters()).device)
-    if setup.distributed:
+    if runtime.distributed:
         dist.all_reduce(totals)
     return OrderedDict(loss=(totals[0] / totals[1]).item())
 
@@ -498,88 +358,66 @@ def current_lr(optimizer):
 
 def main(argv=None):
     setup_logging()
-    args, _ = parse_args(argv)
-    setup = setup_distributed(args)
-    random.seed(args.seed + setup.rank)
-    np.random.seed(args.seed + setup.rank)
-    torch.manual_seed(args.seed + setup.rank)
-
-    resumed = None
-    if args.resume == 'auto':
-        found = find_resume_checkpoint(args.output or './output', vars(args))
-        if found is None:
-            args.resume = ''
-            _logger.info('--resume auto: no run with a checkpoint under %s, starting fresh', args.output or './output')
-        else:
-            args.resume, resumed = promote(found.path), found.checkpoint
-            _logger.info('--resume auto: %s (the newest complete checkpoint of %s, epoch %d)', args.resume,
-                         found.run_dir, resumed['epoch'])
-    check_tracking(args)
+    parser = get_parser()
+    args = parse_args(argv)
+    runtime = setup_runtime(args)
+    resume = find_resume(args, parser, 'train')
     train_data, eval_data, class_names, eval_classes = resolve_classes(args)
-    if args.dataset and args.dataset != 'folder' and args.token_label_data:
-        raise UsageError(f'--token-label-data reads label files beside image folders; with --dataset {args.dataset} '
-                         f'the maps come from the data ({"tools/make_shards.py --token-label-data" if args.dataset == "wds" else "not supported"})')
-    if args.dataset == 'wds':
-        setup.token_label_maps = args.token_label and train_data.label_size is not None
-        if args.token_label and not setup.token_label_maps:
-            _logger.warning('%s holds no token-label maps (make the shards with --token-label-data): --token-label '
-                            'trains the dense head with the image label', train_data.where)
+    token_label_maps = args.token_label and train_data.token_label_maps(args.token_label_data)
+    if args.token_label and train_data.kind == 'wds' and not token_label_maps:
+        _logger.warning('%s holds no token-label maps (make the shards with --token-label-data): --token-label '
+                        'trains the dense head with the image label', train_data.where)
     model = build_model(args)
     if args.img_size is None:
         args.img_size = model.pretrained_cfg['input_size'][-1] if hasattr(model, 'pretrained_cfg') else 224
-    check_token_labels(args, model, setup)
-    data_config = resolve_data_config(vars(args), model=model, verbose=setup.rank == 0)
-    loader_train, loader_eval = build_loaders(args, setup, data_config, train_data, eval_data, eval_classes)
+    check_token_labels(args, model, token_label_maps)
+    data_config = resolve_data_config(vars(args), model=model, verbose=runtime.is_main)
+    loader_train, loader_eval = build_loaders(args, runtime, data_config, train_data, eval_data, eval_classes,
+                                              token_label_maps)
     if len(loader_train) == 0:
         dataset = loader_train.loader.dataset
         per_process = dataset.total // dataset.world_size if hasattr(dataset, 'total') else \
-            len(dataset) // setup.world_size
+            len(dataset) // runtime.world_size
         raise UsageError(f'-b {args.batch_size} is larger than the {per_process} training images per process: '
                          f'no full batch, no training step (batches are full-sized in training); use -b {per_process} '
                          f'or less')
-    if setup.rank == 0:
+    if runtime.is_main:
         _logger.info('Model %s: %d parameters, input %s', args.model,
                      sum(p.numel() for p in model.parameters()), data_config['input_size'])
 
-    model.to(setup.device)
+    model.to(runtime.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if setup.distributed and args.sync_bn:
+    if runtime.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **({'eps': args.opt_eps} if args.opt_eps else {}),
                                     **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
-    setup.autocast, setup.loss_scaler, setup.amp = resolve_amp(args, setup.device)
-    if setup.amp == 'apex':
+    if runtime.amp.kind == 'apex':
         from apex import amp as apex_amp
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
-    if setup.rank == 0:
-        _logger.info('Mixed precision: %s', setup.amp or 'off (float32)')
 
     resume_epoch = mid_epoch = None
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
-    if args.resume:
-        resume_path = resolve_checkpoint_path(args.resume)
-        if resumed is None:
-            resumed = safe_load(resume_path)
-        resume_epoch = resume_checkpoint(model, resume_path, optimizer=None if args.no_resume_opt else optimizer,
-                                         loss_scaler=None if args.no_resume_opt else setup.loss_scaler,
-                                         model_ema=model_ema, checkpoint=resumed)
-        mid_epoch = resumed.get('mid_epoch') if isinstance(resumed, dict) else None
+    if resume:
+        resume_epoch = resume_checkpoint(model, resume.path, optimizer=None if args.no_resume_opt else optimizer,
+                                         loss_scaler=None if args.no_resume_opt else runtime.amp.loss_scaler,
+                                         model_ema=model_ema, checkpoint=resume.checkpoint)
+        mid_epoch = resume.checkpoint.get('mid_epoch')
         if mid_epoch and args.start_epoch is None:
             if mid_epoch['steps'] != len(loader_train):
-                raise UsageError(f'{resume_path} stopped at batch {mid_epoch["batch"]} of {mid_epoch["steps"]} of '
+                raise UsageError(f'{resume.path} stopped at batch {mid_epoch["batch"]} of {mid_epoch["steps"]} of '
                                  f'epoch {resume_epoch}, but this command has {len(loader_train)} batches an epoch: '
                                  f'resume with the data, batch size and process count of that run')
-            _logger.info('Resumed %s: continuing at epoch %d, batch %d of %d', resume_path, resume_epoch,
+            _logger.info('Resumed %s: continuing at epoch %d, batch %d of %d', resume.path, resume_epoch,
                          mid_epoch['batch'], mid_epoch['steps'])
         else:
             mid_epoch = None
-            _logger.info('Resumed %s: continuing at epoch %d', resume_path, resume_epoch)
-    if setup.distributed:
-        device_ids = [setup.device.index] if setup.device.type == 'cuda' else None
+            _logger.info('Resumed %s: continuing at epoch %d', resume.path, resume_epoch)
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == 'cuda' else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     warmup_epochs, cooldown_epochs = args.warmup_epochs, args.cooldown_epochs  # the defaults suit 300 epochs
@@ -604,81 +442,60 @@ def main(argv=None):
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
 
-    train_loss_fn = build_train_loss(args, model.module if setup.distributed else model, setup)
-    mixup_fn = build_mixup(args, setup)
+    train_loss_fn = build_train_loss(args, model.module if runtime.distributed else model, token_label_maps)
+    mixup_fn = build_mixup(args, runtime, token_label_maps)
 
-    saver, output_dir = None, ''
-    if setup.rank == 0:
-        if args.resume and os.path.isfile(os.path.join(os.path.dirname(resume_path), 'args.yaml')):
-            output_dir = os.path.dirname(resume_path)
-        else:
-            exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model,
-                                 str(data_config['input_size'][-1])])
-            output_dir = get_outdir(args.output or './output', 'train', exp_name, inc=True)
-        lock = RunLock(output_dir)  # noqa: F841  (held until the process ends)
-        log_to_file(os.path.join(output_dir, 'train.log'))
-        for stale in glob.glob(os.path.join(output_dir, '*.partial')):  # complete ones were promoted above
-            os.remove(stale)
-        saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**vars(args)), checkpoint_dir=output_dir,
-                                model_ema=model_ema, amp_scaler=setup.loss_scaler,
-                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
-                                extra={'class_names': class_names})
-        summary_path = os.path.join(output_dir, 'summary.csv')
-        if args.resume and output_dir == os.path.dirname(resume_path):
-            saver.restore(resumed)
-            if saver.summary_rows:  # the checkpoint's rows are the record: summary.csv is rebuilt from them
-                write_summary(summary_path, [r for r in saver.summary_rows if int(r['epoch']) < start_epoch])
-            else:
-                truncate_summary(summary_path, start_epoch)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:  # resolved class count and image size
-            f.write(yaml.safe_dump(vars(args), default_flow_style=False))
-        _logger.info('Output: %s; scheduled epochs: %d', output_dir, num_epochs)
-    del resumed
-    tracker = Tracker(args, output_dir, vars(args)) if setup.rank == 0 else None
+    run = RunDirectory(args, runtime, 'train', [datetime.now().strftime('%Y%m%d-%H%M%S'), args.model,
+                                                 data_config['input_size'][-1]],
+                       model, optimizer, resume=resume, completed=start_epoch - 1, model_ema=model_ema,
+                       decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                       extra={'class_names': class_names})
+    if runtime.is_main:
+        _logger.info('Output: %s; scheduled epochs: %d', run.path, num_epochs)
+    del resume
 
-    best_metric, best_epoch = (saver.best_metric, saver.best_epoch) if saver else (None, None)
     for epoch in range(start_epoch, num_epochs):
         epoch_start = time.perf_counter()
         start_batch = mid_epoch['batch'] if mid_epoch and epoch == start_epoch else 0
         set_epoch(loader_train, epoch, start_batch)
-        if setup.distributed and loader_train.sampler is not None:
+        if runtime.distributed and loader_train.sampler is not None:
             indices = loader_train.sampler.epoch_indices()
-            _logger.info('Rank %d: epoch %d, %d training samples, first %s', setup.rank, epoch, len(indices),
+            _logger.info('Rank %d: epoch %d, %d training samples, first %s', runtime.rank, epoch, len(indices),
                          indices[:6])
         lr = current_lr(optimizer)
         carried = (mid_epoch['loss_sum'], mid_epoch['seen']) if start_batch else (0., 0)
-        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, setup,
-                                        lr_scheduler, model_ema, mixup_fn, saver, tracker, start_batch, carried)
-        if setup.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, setup.world_size, args.dist_bn == 'reduce')
-        eval_metrics = evaluate(model, loader_eval, setup.autocast, args.channels_last, args.log_interval)
-        if model_ema is not None and not args.model_ema_force_cpu:
-            if setup.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(model_ema, setup.world_size, args.dist_bn == 'reduce')
-            eval_metrics = evaluate(model_ema.module, loader_eval, setup.autocast, args.channels_last,
-                                    args.log_interval, log_suffix=' (EMA)')
-        eval_metrics.pop('images_per_s')
+        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, runtime,
+                                        token_label_maps, lr_scheduler, model_ema, mixup_fn, run, start_batch,
+                                        carried)
+        if runtime.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, runtime.world_size, args.dist_bn == 'reduce')
+        row = OrderedDict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()})
+
+        def evaluate_epoch():
+            metrics = evaluate(model, loader_eval, runtime.amp.autocast, args.channels_last, args.log_interval)
+            if model_ema is not None and not args.model_ema_force_cpu:
+                if runtime.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                    distribute_bn(model_ema, runtime.world_size, args.dist_bn == 'reduce')
+                metrics = evaluate(model_ema.module, loader_eval, runtime.amp.autocast, args.channels_last,
+                                   args.log_interval, log_suffix=' (EMA)')
+            metrics.pop('images_per_s')
+            return metrics
+
+        eval_metrics = run.evaluate(epoch, evaluate_epoch, dict(row, lr=lr, epoch_time=round(
+            time.perf_counter() - epoch_start, 3)))
         lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-        if saver is not None:
-            row = OrderedDict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
-                              **{f'eval_{k}': v for k, v in eval_metrics.items()},
-                              lr=lr, epoch_time=round(time.perf_counter() - epoch_start, 3))
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric],
-                                                            summary_row=row)
-            write_summary(summary_path, saver.summary_rows)
-            tracker.log_epoch(epoch, row)
-    if tracker is not None:
-        tracker.close()
+        row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+        row.update(lr=lr, epoch_time=round(time.perf_counter() - epoch_start, 3))
+        run.save(epoch, row, metric=eval_metrics[args.eval_metric])
+    best_metric, best_epoch = run.best
     if best_metric is not None:
         _logger.info('*** Best metric: %s (epoch %s)', best_metric, best_epoch)
-    if setup.distributed:
-        dist.destroy_process_group()
-    return output_dir
+    run.close()
+    return run.path
 
 
 def cli(argv=None):
-    run_cli(main, argv, (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError), _logger,
-            'interrupted: the checkpoints of completed epochs are kept; continue with --resume auto')
+    run_trainer(main, argv, _logger, errors=(DataError,))
 
 
 if __name__ == '__main__':

@@ -5,7 +5,7 @@
         --mode slide --crop-size 512 512 --stride 341 341
     python validate_seg.py /data/cityscapes --dataset cityscapes --model volo_d4 --checkpoint seg.pth.tar \
         --mode slide --crop-size 1024 1024 --stride 768 768 --aug-test --results-file cs.json
-    python validate_seg.py /data/mine --dataset folder --checkpoint RUN/ --save-predictions preds/ --save-overlays ov/
+    python validate_seg.py /data/mine --dataset seg-folder --checkpoint RUN/ --save-predictions preds/ --save-overlays ov/
 
 A training checkpoint (or run directory, whose model_best.pth.tar is used) supplies the backbone,
 the dataset kind, the crop size and the class count; the command line overrides the first three
@@ -13,25 +13,23 @@ the dataset kind, the crop size and the class count; the command line overrides 
 classes absent from both labels and predictions skipped; in percent.
 """
 import argparse
-import json
 import logging
-import math
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
-import torch
 from PIL import Image
 
-from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset
+from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset, seg_dataset_kind, \
+    seg_dataset_type
+from engine import (add_amp_options, add_device_options, check_results_file, resolve_amp, select_device,
+                    settings_from_training, write_results)
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint
 from utils.cli import UsageError, run_cli
-from utils.config import non_negative_int, positive_int
+from utils.config import positive_int
 from utils.log import log_to_file, setup_logging
-from utils.runtime import DeviceError, native_amp
-from utils.seg_inference import AUG_TEST_RATIOS, check_window, evaluate_segmentation
+from utils.seg_inference import AUG_TEST_RATIOS, check_window, default_stride, evaluate_segmentation
 from utils.seg_metrics import SegmentationMetric, format_table
 
 _logger = logging.getLogger('validate_seg')
@@ -40,7 +38,8 @@ _logger = logging.getLogger('validate_seg')
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DIR', help='dataset root in the layout of --dataset')
-    p.add_argument('--dataset', default=None, choices=DATASET_KINDS, help="default: the checkpoint's")
+    p.add_argument('--dataset', default=None, type=seg_dataset_type, choices=DATASET_KINDS,
+                   help="default: the checkpoint's")
     p.add_argument('--split', default='val')
     p.add_argument('--model', default=None, choices=SEGMENTATION_BACKBONES, help="default: the checkpoint's backbone")
     p.add_argument('--checkpoint', required=True, help='segmentor checkpoint file or train_seg.py run directory')
@@ -59,9 +58,8 @@ def parse_args(argv=None):
                    help="one index PNG per image, at the label's size, in the dataset's own label space")
     p.add_argument('--save-overlays', default='', metavar='DIR', help='colour overlays of the predictions')
     p.add_argument('--use-ema', action='store_true')
-    p.add_argument('--amp', action='store_true', help='mixed precision (torch.amp)')
-    p.add_argument('-j', '--workers', type=non_negative_int, default=2)
-    p.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: CUDA when present)")
+    add_amp_options(p)
+    add_device_options(p, workers=2)
     p.add_argument('--log-file', default='', help='also write the output here')
     return p.parse_args(argv)
 
@@ -86,24 +84,14 @@ def make_overlay(image_path, pred, colours, alpha=0.5):
 def resolve_settings(args, contents):
     """(backbone, dataset kind, crop size) from the command line, else the checkpoint's training
     arguments; each one taken or overridden is said."""
-    trained = contents.train_args or {}
-    settings = {}
-    for name, arg, fallback in (('model', args.model, None), ('dataset', args.dataset, None),
-                                ('crop_size', args.crop_size, [512, 512])):
-        saved = trained.get(name)
-        saved = list(saved) if isinstance(saved, (list, tuple)) else saved
-        if arg is not None:
-            value = list(arg) if isinstance(arg, (list, tuple)) else arg
-            if saved is not None and saved != value:
-                _logger.info('--%s %s overrides the checkpoint\'s %s', name.replace('_', '-'), value, saved)
-        elif saved is not None:
-            value = saved
-            _logger.info('%s: %s (from the checkpoint)', name, value)
-        elif fallback is not None:
-            value = fallback
-        else:
+    trained = dict(contents.train_args or {})
+    if trained.get('dataset') is not None:
+        trained['dataset'] = seg_dataset_kind(trained['dataset'])
+    settings = settings_from_training(dict(model=args.model, dataset=args.dataset, crop_size=args.crop_size), trained,
+                                      contents.path, defaults=dict(crop_size=[512, 512]))
+    for name, value in settings.items():
+        if value is None:
             raise UsageError(f'{contents.path} does not record the {name}: pass --{name.replace("_", "-")}')
-        settings[name] = value
     return settings
 
 
@@ -129,13 +117,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.log_file:
         log_to_file(args.log_file)
+    check_results_file(args.results_file)
+    device = select_device(args.device)
     contents = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     settings = resolve_settings(args, contents)
     crop_size = tuple(settings['crop_size'])
-    stride = tuple(args.stride) if args.stride else tuple(max(1, math.ceil(c * 2 / 3)) for c in crop_size)
-    if args.device is not None and args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UsageError('--device cuda was asked for but no CUDA device is available')
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    stride = tuple(args.stride) if args.stride else default_stride(crop_size)
 
     try:
         check_window(crop_size, stride, size_divisor(settings['model']))
@@ -149,7 +136,7 @@ def main(argv=None):
                          f'dataset at {args.data} has {dataset.num_classes}')
     class_names = contents.class_names or dataset.class_names
     model.to(device).eval()
-    autocast = native_amp(device, 'bfloat16' if device.type == 'cpu' else 'float16')[0] if args.amp else nullcontext
+    autocast = resolve_amp(args, device, training=False).autocast
 
     on_prediction = None
     if args.save_predictions or args.save_overlays:
@@ -185,27 +172,12 @@ def main(argv=None):
     results.update(checkpoint=contents.path, model=settings['model'], dataset=settings['dataset'], mode=args.mode,
                    crop_size=list(crop_size), stride=list(stride), aug_test=args.aug_test, images=len(dataset))
     if args.results_file:
-        folder = os.path.dirname(os.path.abspath(args.results_file))
-        if not os.path.isdir(folder):
-            raise UsageError(f'--results-file {args.results_file}: folder {folder} does not exist')
-        with open(args.results_file, 'w') as f:
-            json.dump(_json_safe(results), f, indent=2)
+        write_results(args.results_file, results)
     return results
 
 
-def _json_safe(value):
-    """NaN (a class absent from labels and predictions) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def cli(argv=None):
-    run_cli(main, argv, (UsageError, DataError, CheckpointError, DeviceError), _logger)
+    run_cli(main, argv, (UsageError, DataError, CheckpointError), _logger)
 
 
 if __name__ == '__main__':

@@ -5,13 +5,14 @@
 - cityscapes: ROOT/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png and
   ROOT/gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png (written from the released
   _labelIds.png by `python -m tools.cityscapes_train_ids ROOT`); 19 classes.
-- folder (your own data): ROOT/classes.txt (one class name per line, in index order),
+- seg-folder (your own data): ROOT/classes.txt (one class name per line, in index order),
   ROOT/images/<split>/<name>.{jpg,jpeg,png} and ROOT/labels/<split>/<name>.png holding class indices
   (0 .. classes - 1, 255 = ignore).
 
 Every problem is a DataError naming the file: a missing folder, an image without its label, a label
 of another size than its image, label values outside the classes.
 """
+import logging
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -19,9 +20,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from layers import IGNORE_INDEX
 from .dataset import DataError
 
-IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 ADE20K_CLASSES = (
@@ -50,11 +51,28 @@ CITYSCAPES_CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', '
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                         25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
-DATASET_KINDS = ('ade20k', 'cityscapes', 'folder')
+DATASET_KINDS = ('ade20k', 'cityscapes', 'seg-folder')
+# names a kind had before: 'folder' was the images/ + labels/ layout, which classification's
+# --dataset folder (class folders) also named
+RENAMED_KINDS = {'folder': 'seg-folder'}
 # the test-time resize of each dataset's standard pipeline (long side, short side); None: as is
-TEST_SCALES = {'ade20k': (2048, 512), 'cityscapes': (2048, 1024), 'folder': None}
+TEST_SCALES = {'ade20k': (2048, 512), 'cityscapes': (2048, 1024), 'seg-folder': None}
 SPLITS = {'ade20k': {'train': 'training', 'val': 'validation'}, 'cityscapes': {'train': 'train', 'val': 'val'},
-          'folder': {'train': 'train', 'val': 'val'}}
+          'seg-folder': {'train': 'train', 'val': 'val'}}
+
+
+def seg_dataset_kind(name: str) -> str:
+    """A dataset kind under its current name (an old name is accepted)."""
+    return RENAMED_KINDS.get(name, name)
+
+
+def seg_dataset_type(text: str) -> str:
+    """--dataset of the segmentation scripts: one of DATASET_KINDS; the old name 'folder' still
+    works and says what to use."""
+    if text in RENAMED_KINDS:
+        logging.getLogger(__name__).warning("--dataset %s is now --dataset %s: the old name still works, use the "
+                                            "new one", text, RENAMED_KINDS[text])
+    return seg_dataset_kind(text)
 
 
 def _require_dir(path, what):
@@ -179,7 +197,8 @@ class SegmentationDataset(Dataset):
 
 
 def build_seg_dataset(kind: str, root: str, split: str, transform=None) -> SegmentationDataset:
-    """The `split` ('train' or 'val') of an ade20k / cityscapes / folder dataset at root."""
+    """The `split` ('train' or 'val') of an ade20k / cityscapes / seg-folder dataset at root."""
+    kind = seg_dataset_kind(kind)
     if kind not in DATASET_KINDS:
         raise DataError(f'unknown dataset kind {kind!r}; choose one of {", ".join(DATASET_KINDS)}')
     _require_dir(root, f'the {kind} dataset root')

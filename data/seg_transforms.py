@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-IGNORE_INDEX = 255
+from layers import IGNORE_INDEX
+
 
 
 def _pil(image):

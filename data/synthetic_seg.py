@@ -5,6 +5,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .seg_dataset import seg_dataset_kind
 from .synthetic import HUES, SHAPES, _draw_object
 
 CLASS_NAMES = ('background',) + SHAPES
@@ -35,11 +36,12 @@ def _write(path, array):
     Image.fromarray(array).save(path)
 
 
-def make_seg_dataset(root, layout='folder', num_classes=5, train=32, val=8, size=(64, 64), seed=0):
-    """Write a dataset at root (skipped when root/.complete exists); returns root. layout: 'folder'
+def make_seg_dataset(root, layout='seg-folder', num_classes=5, train=32, val=8, size=(64, 64), seed=0):
+    """Write a dataset at root (skipped when root/.complete exists); returns root. layout: 'seg-folder'
     (classes.txt, images/, labels/), 'ade20k' (labels stored +1, 0 = other) or 'cityscapes'
     (labelTrainIds and the released labelIds beside them). size: (h, w), or a list of sizes cycled
     through so that images differ in size."""
+    layout = seg_dataset_kind(layout)
     marker = os.path.join(root, '.complete')
     if os.path.exists(marker):
         return root
@@ -52,7 +54,7 @@ def make_seg_dataset(root, layout='folder', num_classes=5, train=32, val=8, size
             h, w = sizes[i % len(sizes)]
             image, label = make_seg_sample(h, w, num_classes, rng)
             name = f'{split}_{i:04d}'
-            if layout == 'folder':
+            if layout == 'seg-folder':
                 _write(os.path.join(root, 'images', split, f'{name}.png'), image)
                 _write(os.path.join(root, 'labels', split, f'{name}.png'), label)
             elif layout == 'ade20k':
@@ -68,7 +70,7 @@ def make_seg_dataset(root, layout='folder', num_classes=5, train=32, val=8, size
                 _write(os.path.join(root, 'gtFine', split, city, f'{stem}_gtFine_labelIds.png'), label_ids)
             else:
                 raise ValueError(f'unknown layout {layout!r}')
-    if layout == 'folder':
+    if layout == 'seg-folder':
         with open(os.path.join(root, 'classes.txt'), 'w') as f:
             f.write('\n'.join(CLASS_NAMES[:num_classes]) + '\n')
     open(marker, 'w').close()

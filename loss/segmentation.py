@@ -2,7 +2,7 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from layers import IGNORE_INDEX
 
 
 def pixel_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX):

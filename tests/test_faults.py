@@ -22,9 +22,9 @@ from tests.training_runs import copy_with_unreadable_image
 from tests.training_runs import run_fast as _run
 from data import DataError, DatasetTokenLabel
 from utils import CheckpointError, load_pretrained_weights, safe_load
-from utils.checkpoint_saver import CheckpointSaver, DiskFullError
-from utils.runs import RunLock
-from utils.summary import read_summary, write_summary
+from engine.checkpoint_saver import CheckpointSaver, DiskFullError
+from engine.runs import RunLock
+from engine.summary import read_summary, write_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ from PIL import Image
 import train_seg
 import validate_seg
 from data.synthetic_seg import make_seg_dataset
-from utils.summary import read_summary
+from engine.summary import read_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
@@ -69,7 +69,7 @@ def test_ade20k_train_resume_validate_and_rescore(ade, tmp_path, caplog):
     run = train_seg.main([ade, '--dataset', 'ade20k', *FAST, '--iters', '4', '--eval-interval', '2',
                           '--eval-mode', 'whole', '--test-scale', '64', '48', '--output', str(out)])
     rows = read_summary(os.path.join(run, 'summary.csv'))
-    assert [int(r['epoch']) for r in rows] == [2, 4] and all('eval_mIoU' in r for r in rows)
+    assert [int(r['iteration']) for r in rows] == [2, 4] and all('eval_mIoU' in r for r in rows)
     best = json.load(open(os.path.join(run, 'best.json')))
     assert best['mIoU'] == pytest.approx(max(float(r['eval_mIoU']) for r in rows))
     assert os.path.isfile(os.path.join(run, 'model_best.pth.tar')) and os.path.isfile(os.path.join(run, 'train.log'))
@@ -84,9 +84,9 @@ def test_ade20k_train_resume_validate_and_rescore(ade, tmp_path, caplog):
     assert run2 == run
     assert 'continuing at iteration 4' in caplog.text
     rows = read_summary(os.path.join(run, 'summary.csv'))
-    assert [int(r['epoch']) for r in rows] == [2, 4, 6]
+    assert [int(r['iteration']) for r in rows] == [2, 4, 6]
     resumed = torch.load(os.path.join(run, 'last.pth.tar'), weights_only=False)
-    assert resumed['epoch'] == 6 and float(resumed['optimizer']['state'][0]['step']) == float(optimizer_step) + 2
+    assert resumed['iteration'] == 6 and 'epoch' not in resumed and float(resumed['optimizer']['state'][0]['step']) == float(optimizer_step) + 2
 
     results_file = tmp_path / 'results.json'
     results = validate_seg.main([ade, '--checkpoint', run, '--mode', 'slide', '--crop-size', '32', '32',
@@ -271,7 +271,7 @@ def test_distributed_train_sh_runs_train_seg(folder, tmp_path):
 def test_segmentation_recipes_parse_and_match_the_reference(config):
     args = train_seg.parse_args(['/data', '-c', os.path.join(REPO, 'configs', 'seg', config)])
     if config == 'demo.yaml':
-        assert args.dataset == 'folder' and args.model == 'volo_d1'
+        assert args.dataset == 'seg-folder' and args.model == 'volo_d1' and args.img_scale == [96, 64]
         return
     # segmentation.md §2: AdamW 6e-5, betas (0.9, 0.999), wd 0.01, poly power 1, 1500 warmup from 1e-6, 2 per GPU
     assert (args.lr, args.betas, args.weight_decay, args.power) == (6e-5, [0.9, 0.999], 0.01, 1.0)
@@ -279,7 +279,7 @@ def test_segmentation_recipes_parse_and_match_the_reference(config):
     assert (args.head_channels, args.aux_channels, args.aux_weight, args.cat_max_ratio) == (512, 256, 0.4, 0.75)
     assert args.model == config.split('_')[1] + '_' + config.split('_')[2]
     if args.dataset == 'ade20k':
-        assert (args.crop_size, args.scale, args.iters, args.eval_stride) == ([512, 512], [2048, 512], 160000, [341, 341])
+        assert (args.crop_size, args.img_scale, args.iters, args.eval_stride) == ([512, 512], [2048, 512], 160000, [341, 341])
     else:
         assert args.dataset == 'cityscapes'
-        assert (args.crop_size, args.scale, args.eval_stride) == ([1024, 1024], [2048, 1024], [768, 768])
+        assert (args.crop_size, args.img_scale, args.eval_stride) == ([1024, 1024], [2048, 1024], [768, 768])

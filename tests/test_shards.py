@@ -19,6 +19,7 @@ import main as train_script
 import validate as validate_script
 from data import DataError, create_shard_train_loader, create_train_loader, find_shard_split, set_epoch
 from data.shards import ShardStream, iter_shard
+from engine import CheckpointSaver
 from tests.training_runs import FAST
 from tools.make_shards import main as make_shards_cli
 from tools.make_shards import make_shards
@@ -235,7 +236,7 @@ def test_resume_mid_epoch_over_shards_continues_the_epoch(shards, tmp_path, monk
     common = [shards, *FAST, '-b', '4', '--epochs', '1', '--dataset', 'wds', '-j', '2', *NO_AUG,
               '--recovery-interval', '3']
     straight = train_script.main([*common, '--output', str(tmp_path / 'straight')])
-    saver_class = train_script.CheckpointSaver
+    saver_class = CheckpointSaver
     original = saver_class.save_recovery
 
     def stop_after(self, epoch, batch_idx=0, mid_epoch=None):

@@ -98,7 +98,7 @@ def test_mixup_paths(shapes, tmp_path, labels):
 def test_yaml_config_and_command_line_precedence(shapes, tmp_path):
     cfg = tmp_path / 'cfg.yaml'
     cfg.write_text(yaml.safe_dump({'epochs': 1, 'lr': 0.123, 'smoothing': 0.2, 'model': 'volo_d1'}))
-    args, _ = train_script.parse_args([shapes, '-c', str(cfg), '--lr', '0.5'])
+    args = train_script.parse_args([shapes, '-c', str(cfg), '--lr', '0.5'])
     assert args.epochs == 1 and args.smoothing == 0.2 and args.lr == 0.5
     run = _run(shapes, tmp_path, '-c', str(cfg), '--lr', '1e-4')
     saved = yaml.safe_load(open(os.path.join(run, 'args.yaml')))
@@ -246,7 +246,7 @@ def test_plot_summary(shapes, tmp_path):
 
 @pytest.mark.parametrize('config', sorted(glob.glob(os.path.join(REPO, 'configs', '*.yaml'))))
 def test_recipes_parse_and_match_the_reference(config):
-    args, _ = train_script.parse_args(['/data', '-c', config])
+    args = train_script.parse_args(['/data', '-c', config])
     name = os.path.basename(config)
     if name == 'demo.yaml':
         assert args.token_label and args.img_size == 64
@@ -293,12 +293,12 @@ def test_one_log_line_per_message_and_no_progress_bar_when_redirected(shapes, tm
 
 
 def test_batchnorm_options_and_dataset_choice(shapes):
-    args, _ = train_script.parse_args([shapes, '--model', 'volo_d1', '--img-size', '32', '--num-classes', '3',
+    args = train_script.parse_args([shapes, '--model', 'volo_d1', '--img-size', '32', '--num-classes', '3',
                                        '--bn-momentum', '0.01', '--bn-eps', '1e-3'])
     model = train_script.build_model(args)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) == 3 and all(m.momentum == 0.01 and m.eps == 1e-3 for m in norms)
-    args, _ = train_script.parse_args([shapes, '--dataset', 'folder'])
+    args = train_script.parse_args([shapes, '--dataset', 'folder'])
     assert args.dataset == 'folder'
     with pytest.raises(SystemExit):
         train_script.parse_args([shapes, '--dataset', 'imagenet'])

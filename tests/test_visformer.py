@@ -125,7 +125,7 @@ def test_train_with_mixup_then_validate(shapes, tmp_path, caplog):
 
 @pytest.mark.parametrize('config', sorted(glob.glob(os.path.join(REPO, 'configs', 'visformer', '*.yaml'))))
 def test_recipes(config):
-    args, _ = train_script.parse_args(['/data', '-c', config])
+    args = train_script.parse_args(['/data', '-c', config])
     assert args.model == os.path.basename(config)[:-5]
     assert (args.opt, args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (
         'adamw', 0.8, 1.0, 0.1, 0.25, 'original')

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.seg_dataset import CITYSCAPES_TRAIN_IDS, IGNORE_INDEX
+from data.seg_dataset import CITYSCAPES_TRAIN_IDS
+from layers import IGNORE_INDEX
 
 
 def train_id_table() -> np.ndarray:

@@ -32,7 +32,8 @@ def main(argv=None):
     if not os.path.isfile(path):
         raise SystemExit(f'no summary.csv at {path}')
     cols = read_summary(path)
-    epochs = cols['epoch']
+    unit = 'epoch' if 'epoch' in cols else 'iteration'  # segmentation runs count iterations
+    epochs = cols[unit]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (('train_loss', 'train loss'), ('eval_loss', 'eval loss')):
         if cols.get(key):
@@ -40,8 +41,8 @@ def main(argv=None):
     for key, label in (('eval_top1', 'top-1'), ('eval_top5', 'top-5')):
         if cols.get(key):
             ax_acc.plot(epochs[:len(cols[key])], cols[key], marker='o', label=label)
-    ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
-    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='accuracy')
+    ax_loss.set(xlabel=unit, ylabel='loss', title='loss')
+    ax_acc.set(xlabel=unit, ylabel='accuracy (%)', title='accuracy')
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -313,13 +313,24 @@ def checkpoint_num_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]
     return None if head is None else int(head.shape[0])
 
 
+def training_step(checkpoint) -> Optional[int]:
+    """The step a training checkpoint was written at: its `iteration` (segmentation) or `epoch`
+    (classification, and segmentation checkpoints written before they said `iteration`)."""
+    for key in ('iteration', 'epoch'):
+        if isinstance(checkpoint, dict) and key in checkpoint:
+            return int(checkpoint[key])
+    return None
+
+
 def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_ema=None, checkpoint=None):
-    """Restore a training checkpoint written by main.py; returns the epoch to start from.
+    """Restore a training checkpoint written by a trainer; returns the epoch (or, for a checkpoint
+    that counts iterations, the iteration) to start from.
     `checkpoint`: the file's contents when already read."""
     if checkpoint is None:
         checkpoint = safe_load(path)
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
-        raise CheckpointError(f'{path} is not a training checkpoint (needs state_dict and epoch to resume)')
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or training_step(checkpoint) is None:
+        raise CheckpointError(f'{path} is not a training checkpoint (needs state_dict and epoch or iteration to '
+                              f'resume)')
     # exactly as saved (no resizing, no fresh heads); non-finite weights and mismatches are one-line errors
     load_pretrained_weights(model, path, strict=True, state_dict=extract_state_dict(checkpoint, path=path),
                             adapt=False)
@@ -334,7 +345,9 @@ def resume_checkpoint(model, path: str, optimizer=None, loss_scaler=None, model_
             model_ema.module.load_state_dict(extract_state_dict(checkpoint, use_ema=True, path=path), strict=True)
         else:
             _logger.warning('%s has no EMA weights; the EMA restarts from the model weights', path)
-    epoch = int(checkpoint['epoch'])
+    epoch = training_step(checkpoint)
+    if 'iteration' in checkpoint:
+        return epoch  # iterations done: training continues with the next one
     mid_epoch = checkpoint.get('mid_epoch')
     if isinstance(mid_epoch, dict):
         return epoch  # a recovery checkpoint taken during the epoch: the epoch continues (and is evaluated)

@@ -13,6 +13,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the checkpoints written so far are kept."""
 
 
+class PartialFailure(RuntimeError):
+    """Part of the work was done and its results written; the rest could not be (exit code 1)."""
+
+
 def message(error: BaseException) -> str:
     """The error's own message; for one re-raised from a DataLoader worker ("Caught X in DataLoader
     worker process N. Original Traceback ..."), the original message without the traceback."""
@@ -24,10 +28,14 @@ def message(error: BaseException) -> str:
 
 
 def run_cli(main, argv, errors, logger: logging.Logger, interrupted='interrupted'):
-    """main(argv); an expected error (one of `errors`) is logged in one line and exits with 2, Ctrl-C
-    exits with 130 after `interrupted` is logged. A process group still open is closed first."""
+    """main(argv); an expected error (one of `errors`) is logged in one line and exits with 2, a
+    PartialFailure with 1, Ctrl-C exits with 130 after `interrupted` is logged. A process group
+    still open is closed first."""
     try:
         return main(argv)
+    except PartialFailure as e:
+        logger.error('%s', e)
+        sys.exit(1)
     except errors as e:
         logger.error('%s', message(e))
         if dist.is_available() and dist.is_initialized():

@@ -4,10 +4,13 @@ Every value goes through its argument's type, choices and arity; a flag takes tr
 null only where the argument's default is null. Errors name the file, the key and what was expected.
 """
 import argparse
+import logging
 import math
 import os
 
 import yaml
+
+_logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -65,7 +68,7 @@ def _convert(action, value, where):
 
 def check_value(action, value, where):
     """The value an argument gets from a config entry, checked; raises ConfigError."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f'{where}: expected true or false, got {value!r}')
         return value
@@ -102,9 +105,25 @@ def read_config_defaults(parser, path):
     if not isinstance(cfg, dict):
         raise ConfigError(f'config file {path} must hold a mapping of argument names to values, '
                           f'got a {type(cfg).__name__}')
-    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
-    unknown = sorted(str(k) for k in cfg if str(k).replace('-', '_') not in actions)
-    if unknown:
-        raise ConfigError(f'config file {path}: unknown argument(s) {", ".join(unknown)}')
-    return {str(k).replace('-', '_'): check_value(actions[str(k).replace('-', '_')], v, f'config file {path}, key {k}')
-            for k, v in cfg.items()}
+    actions, renamed = {}, {}
+    for action in parser._actions:
+        if action.dest in ('help', 'config'):
+            continue
+        if getattr(action, 'new_flag', None):  # an old spelling: its keys are the old option names
+            renamed.update({flag.lstrip('-').replace('-', '_'): action for flag in action.option_strings})
+        else:
+            actions.setdefault(action.dest, action)
+    defaults = {}
+    for key, value in cfg.items():
+        name = str(key).replace('-', '_')
+        if name in renamed:
+            alias = renamed[name]
+            _logger.warning('config file %s: key %s is now %s', path, key, alias.new_flag.lstrip('-'))
+            name = alias.dest
+        if name not in actions:
+            defaults.setdefault(None, []).append(str(key))
+            continue
+        defaults[name] = check_value(actions[name], value, f'config file {path}, key {key}')
+    if None in defaults:
+        raise ConfigError(f'config file {path}: unknown argument(s) {", ".join(sorted(defaults[None]))}')
+    return defaults

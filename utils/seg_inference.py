@@ -13,6 +13,11 @@ from tqdm import tqdm
 AUG_TEST_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
+def default_stride(crop_size):
+    """The sliding-window stride of mmseg's recipes: 2/3 of the crop, rounded up (341 for 512)."""
+    return tuple(max(1, math.ceil(c * 2 / 3)) for c in crop_size)
+
+
 def check_window(crop_size, stride, size_divisor=16):
     """A clear error for crop sizes that are not multiples of size_divisor and strides that are
     not in 1..crop."""

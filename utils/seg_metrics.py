@@ -11,9 +11,11 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from layers import IGNORE_INDEX
+
 
 class SegmentationMetric:
-    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Optional[Sequence[str]] = None):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names: Optional[Sequence[str]] = None):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.reset()

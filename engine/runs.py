@@ -6,18 +6,11 @@ from typing import NamedTuple, Optional
 
 import yaml
 
-from .checkpoint import CheckpointError, safe_load
+from utils.checkpoint import CheckpointError, safe_load, training_step
 from .checkpoint_saver import PARTIAL
 
 _logger = logging.getLogger(__name__)
 
-# arguments that only extend or re-host a run: a resumed command may change them
-EXTENDS_RUN = frozenset({'resume', 'epochs', 'start_epoch', 'output', 'workers', 'log_interval', 'device',
-                         'local_rank', 'pin_mem', 'recovery_interval', 'checkpoint_hist', 'no_resume_opt', 'config',
-                         'validation_batch_size_multiplier', 'log_wandb', 'wandb_project', 'wandb_tags',
-                         'wandb_resume_id', 'log_tensorboard'})
-# arguments the script resolves when the command line leaves them out (the run records the value)
-RESOLVED = frozenset({'num_classes', 'img_size'})
 LOCK_NAME = '.lock'
 
 
@@ -45,7 +38,7 @@ def read_complete(path) -> Optional[dict]:
     except CheckpointError as e:
         _logger.warning('skipping %s: %s', path, e)
         return None
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or training_step(checkpoint) is None:
         return None
     return checkpoint
 
@@ -80,26 +73,37 @@ def read_run_args(run_dir):
     return saved if isinstance(saved, dict) else None
 
 
-def differences(saved: dict, current: dict, extends=EXTENDS_RUN):
-    """['key: run X, command Y', ...] for the arguments that make a run another experiment."""
+def differences(saved: dict, current: dict, extends=frozenset(), defaults=None, resolved=frozenset()):
+    """['key: run X, command Y', ...] for the arguments that make a run another experiment. Those in
+    `extends` may differ; those in `resolved` are filled in by the script when the command leaves
+    them out; an argument the run does not record (added since) matches at its default, and a value
+    the run records that no option of the command has (one the script derived) is not compared."""
+    defaults = defaults or {}
     found = []
     for key in sorted(set(saved) | set(current)):
         if key in extends:
             continue
+        if key not in current and key not in defaults:
+            continue  # recorded, but no option of today's command: a value the script derived
         ours, theirs = current.get(key), saved.get(key)
-        if key in RESOLVED and ours is None:
+        if key in resolved and ours is None:
             continue
         if isinstance(ours, tuple):
             ours = list(ours)
+        if key not in saved and key in defaults:
+            default = defaults[key]
+            theirs = list(default) if isinstance(default, tuple) else default
         if ours != theirs:
             found.append(f'{key}: run {theirs!r}, command {ours!r}')
     return found
 
 
-def find_resume_checkpoint(output_root, current_args: dict, kind='train', extends=EXTENDS_RUN) -> Optional[Found]:
+def find_resume_checkpoint(output_root, current_args: dict, kind='train', extends=frozenset(), defaults=None,
+                           resolved=frozenset(), upgrade=None) -> Optional[Found]:
     """The newest complete checkpoint of the newest run under output_root/<kind>/ whose recorded
-    arguments match the command's (those in `extends` may differ); None when no run has a
-    checkpoint to resume; ResumeError when runs exist but none matches."""
+    arguments match the command's (see `differences`; `upgrade(saved)` first brings the arguments
+    of a run recorded under older option names up to date); None when no run has a checkpoint to
+    resume; ResumeError when runs exist but none matches."""
     runs = [d for d in glob.glob(os.path.join(output_root, kind, '*')) if os.path.isdir(d)]
     mismatched = []
     for run_dir in sorted(runs, key=os.path.getmtime, reverse=True):
@@ -107,7 +111,10 @@ def find_resume_checkpoint(output_root, current_args: dict, kind='train', extend
         if not files:
             continue
         saved = read_run_args(run_dir)
-        diff = ['args.yaml missing or unreadable'] if saved is None else differences(saved, current_args, extends)
+        if saved is not None and upgrade is not None:
+            saved = upgrade(saved)
+        diff = ['args.yaml missing or unreadable'] if saved is None else differences(saved, current_args, extends,
+                                                                                      defaults, resolved)
         if diff:
             mismatched.append((run_dir, diff))
             continue

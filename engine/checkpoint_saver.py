@@ -32,11 +32,36 @@ def replace_with_copy_of(source: str, target: str):
 
 
 class DiskFullError(OSError):
-    """No space left while writing a checkpoint; the earlier checkpoints are untouched."""
+    """No space left while writing a checkpoint or a run file; the earlier files are untouched."""
 
 
 def _disk_full(e):
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_staged(path, write, kept):
+    """write(file) into `path`'s temporary name, synced to disk; returns that name, for the caller to
+    move into place. Nothing partial stays behind when it fails; a full disk is a DiskFullError
+    naming the file and what is `kept`."""
+    staging = path + PARTIAL
+    try:
+        with open(staging, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if os.path.exists(staging):
+            os.remove(staging)
+        if _disk_full(e):
+            raise DiskFullError(e.errno, f'no space left on device while writing {staging}; {kept}') from None
+        raise
+    return staging
+
+
+def write_atomically(path, data: bytes):
+    """`data` to `path` through a temporary file moved into place: `path` is its previous complete
+    contents or the new ones, never partial."""
+    os.replace(write_staged(path, lambda f: f.write(data), f'{path} is kept as it was'), path)
 
 
 class CheckpointSaver:
@@ -46,12 +71,13 @@ class CheckpointSaver:
     amp_scaler, state_dict_ema, metric) plus `saver`, this object's history, restored on resume."""
 
     def __init__(self, model, optimizer, args, checkpoint_dir, model_ema=None, amp_scaler=None,
-                 decreasing=False, max_history=10, extra=None):
+                 decreasing=False, max_history=10, extra=None, step_name='epoch'):
         self.model, self.optimizer, self.args = model, optimizer, args
         self.model_ema, self.amp_scaler = model_ema, amp_scaler
         self.checkpoint_dir = checkpoint_dir
         self.extra = dict(extra or {})  # saved in every checkpoint (e.g. class_names)
         self.decreasing = decreasing
+        self.step_name = step_name  # 'epoch', or 'iteration' for trainers that count iterations
         self.max_history = max_history
         self.history: List[Tuple[str, float]] = []  # (file name, metric), best first
         self.best_metric: Optional[float] = None
@@ -67,11 +93,19 @@ class CheckpointSaver:
         self.history = [(name, float(metric)) for name, metric in state.get('history', [])
                         if os.path.isfile(os.path.join(self.checkpoint_dir, name))]
         self.best_metric, self.best_epoch = state.get('best_metric'), state.get('best_epoch')
-        self.summary_rows = [dict(row) for row in state.get('summary', [])]
+        self.summary_rows = [self._upgraded(row) for row in state.get('summary', [])]
+
+    def _upgraded(self, row):
+        """A summary row as saved; rows of iteration runs written before they said `iteration` carry
+        the step as `epoch`."""
+        row = dict(row)
+        if self.step_name not in row and 'epoch' in row:
+            row = {self.step_name: row.pop('epoch'), **row}
+        return row
 
     def _state(self, epoch, metric, history, best, summary_rows, mid_epoch=None):
         model = unwrap_model(self.model)
-        state = {'epoch': epoch, 'arch': type(model).__name__.lower(), 'state_dict': model.state_dict(),
+        state = {self.step_name: epoch, 'arch': type(model).__name__.lower(), 'state_dict': model.state_dict(),
                  'optimizer': self.optimizer.state_dict(), 'version': 2, 'args': self.args}
         if self.amp_scaler is not None:
             state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
@@ -87,27 +121,15 @@ class CheckpointSaver:
         return state
 
     def _write(self, state, path):
-        """torch.save under a temporary name; the caller moves it into place. Nothing partial stays
-        behind when it fails; a full disk is said in plain words with the file's name."""
-        staging = path + PARTIAL
-        try:
-            with open(staging, 'wb') as f:  # a Python file: a full disk raises OSError(ENOSPC)
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as e:
-            if os.path.exists(staging):
-                os.remove(staging)
-            if _disk_full(e):
-                raise DiskFullError(e.errno, f'no space left on device while writing {staging}; the earlier '
-                                             f'checkpoints in {self.checkpoint_dir} are kept') from None
-            raise
-        return staging
+        """torch.save under a temporary name (a Python file: a full disk raises OSError(ENOSPC));
+        the caller moves it into place."""
+        return write_staged(path, lambda f: torch.save(state, f),
+                            f'the earlier checkpoints in {self.checkpoint_dir} are kept')
 
     def save_checkpoint(self, epoch: int, metric: Optional[float] = None, summary_row: Optional[dict] = None):
         """Write this epoch's checkpoints (holding the summary rows so far, this epoch's included);
         returns (best metric, best epoch)."""
-        summary_rows = [r for r in self.summary_rows if int(r['epoch']) < epoch]
+        summary_rows = [r for r in self.summary_rows if int(r[self.step_name]) < epoch]
         if summary_row is not None:
             summary_rows.append(dict(summary_row))
         name = f'checkpoint-{epoch}.pth.tar'

@@ -1,13 +1,12 @@
-"""summary.csv of a training run: one row per epoch, every write atomic (a temporary file moved
-into place), so a kill never leaves a partial line. Checkpoints hold the rows too (utils/
+"""summary.csv of a training run: one row per epoch (or evaluation interval), every write atomic
+(a temporary file moved into place), so a kill never leaves a partial line. Checkpoints hold the rows too (engine/
 checkpoint_saver.py): a resumed run rewrites summary.csv from them."""
 import csv
-import errno
 import io
 import logging
 import os
 
-from .checkpoint_saver import DiskFullError
+from .checkpoint_saver import write_atomically
 
 _logger = logging.getLogger(__name__)
 
@@ -22,9 +21,9 @@ def read_summary(path):
         rows, bad = [], 0
         for row in reader:
             try:
-                int(row.get('epoch') or '')
+                step_of(row)
                 complete = None not in row.values() and None not in row
-            except ValueError:
+            except (KeyError, TypeError, ValueError):
                 complete = False
             if complete:
                 rows.append(row)
@@ -44,23 +43,15 @@ def write_summary(path, rows):
     writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval='')
     writer.writeheader()
     writer.writerows(rows)
-    staging = path + '.partial'
-    try:
-        with open(staging, 'w', newline='') as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if os.path.exists(staging):
-            os.remove(staging)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(e.errno, f'no space left on device while writing {staging}; {path} is kept as '
-                                         f'it was') from None
-        raise
-    os.replace(staging, path)
+    write_atomically(path, buffer.getvalue().encode())
+
+
+def step_of(row):
+    """The epoch (or iteration) of a summary row."""
+    return int(row['epoch'] if 'epoch' in row else row['iteration'])
 
 
 def truncate_summary(path, start_epoch):
-    """Drop the rows of epochs that a resumed run trains again."""
+    """Drop the rows of epochs (iterations) that a resumed run trains again."""
     if os.path.isfile(path):
-        write_summary(path, [r for r in read_summary(path) if int(r['epoch']) < start_epoch])
+        write_summary(path, [r for r in read_summary(path) if step_of(r) < start_epoch])

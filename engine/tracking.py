@@ -1,16 +1,18 @@
-"""Experiment tracking for main.py: Weights & Biases (--log-wandb) and TensorBoard
+"""Experiment tracking for every trainer: Weights & Biases (--log-wandb) and TensorBoard
 (--log-tensorboard DIR), both optional packages, used on rank 0 only.
 
-Per training step: train/loss, train/lr, train/images_per_s, train/data_time (x: the update
-count, train/step). Per epoch: every column of the summary.csv row under epoch/ (x: the epoch),
-the same numbers summary.csv holds. W&B runs offline with WANDB_MODE=offline; each call is its own
-W&B row (W&B's own step only counts rows), so no row can be refused as out of order.
+Per training step: the trainer's step metrics under train/ (e.g. train/loss, train/lr; x: the
+update count, train/step). Per summary row (an epoch, or an evaluation interval of a trainer that
+counts iterations): every numeric column of the summary.csv row under epoch/ (iteration/; x:
+epoch/epoch, iteration/iteration), the same numbers summary.csv holds. W&B runs offline with
+WANDB_MODE=offline; each call is its own W&B row (W&B's own step only counts rows), so no row can
+be refused as out of order.
 """
 import logging
 import numbers
 import os
 
-from .cli import UsageError
+from utils.cli import UsageError
 
 _logger = logging.getLogger(__name__)
 
@@ -32,15 +34,16 @@ def check_tracking(args):
 class Tracker:
     """The requested trackers of one run; does nothing when none was requested."""
 
-    def __init__(self, args, output_dir, config):
+    def __init__(self, args, output_dir, config, step_name='epoch'):
         self.wandb = self.tensorboard = None
+        self.step_name = step_name
         if args.log_wandb:
             import wandb
             resume = dict(id=args.wandb_resume_id, resume='must') if args.wandb_resume_id else {}
             self.wandb = wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=config,
                                     tags=args.wandb_tags or None, dir=output_dir, **resume)
             self.wandb.define_metric('train/*', step_metric='train/step')
-            self.wandb.define_metric('epoch/*', step_metric='epoch/epoch')
+            self.wandb.define_metric(f'{step_name}/*', step_metric=f'{step_name}/{step_name}')
             _logger.info('W&B run %s (%s)', self.wandb.id, self.wandb.settings.mode)
         if args.log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -55,16 +58,16 @@ class Tracker:
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(name, value, step)
 
-    def log_epoch(self, epoch, row):
-        """The summary row of `epoch` (its numeric columns)."""
-        metrics = {f'epoch/{k}': float(v) for k, v in row.items()
+    def log_summary(self, step, row):
+        """The summary row of `step` (its numeric columns)."""
+        metrics = {f'{self.step_name}/{k}': float(v) for k, v in row.items()
                    if isinstance(v, numbers.Number) and not isinstance(v, bool)}
         if self.wandb is not None:
             self.wandb.log(metrics)
         if self.tensorboard is not None:
             for name, value in metrics.items():
-                if name != 'epoch/epoch':
-                    self.tensorboard.add_scalar(name, value, epoch)
+                if name != f'{self.step_name}/{self.step_name}':
+                    self.tensorboard.add_scalar(name, value, step)
             self.tensorboard.flush()
 
     def close(self):

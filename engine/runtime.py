@@ -1,0 +1,116 @@
+"""Device, process group, seeds and mixed precision, resolved once per process for every script."""
+import logging
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.utils import NativeScaler
+
+from utils.cli import UsageError
+
+_logger = logging.getLogger(__name__)
+
+
+class DeviceError(UsageError):
+    """A device was asked for that this machine does not have."""
+
+
+def select_device(name=None, local_rank=0):
+    """`name`: None picks CUDA when present; 'cuda', 'cuda:N' or 'cpu'."""
+    use_cuda = torch.cuda.is_available() if name is None else name.startswith('cuda')
+    if use_cuda and not torch.cuda.is_available():
+        raise DeviceError(f'--device {name} was asked for but no CUDA device is available')
+    if not use_cuda:
+        return torch.device('cpu')
+    device = torch.device(name if name and ':' in name else f'cuda:{local_rank}')
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device=None, local_rank=0):
+    """(device, rank, world size): torchrun's env:// rendezvous when WORLD_SIZE > 1 (NCCL on GPUs,
+    gloo on CPUs)."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    device = select_device(device, int(os.environ.get('LOCAL_RANK', local_rank)))
+    if world_size > 1:
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo', init_method='env://')
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        _logger.info('Process %d of %d on %s', rank, world_size, device)
+    return device, rank, world_size
+
+
+@dataclass(frozen=True)
+class Amp:
+    """Mixed precision as resolved: the autocast factory, the loss scaler (float16 only) and which
+    implementation ('native', 'apex' or None for float32)."""
+    autocast: Callable = nullcontext
+    loss_scaler: Optional[NativeScaler] = None
+    kind: Optional[str] = None
+
+
+def native_amp(device, amp_dtype='float16'):
+    """torch.amp: float16 with a loss scaler on GPUs, bfloat16 (no scaler) when asked for and
+    always on CPUs."""
+    dtype = torch.bfloat16 if amp_dtype == 'bfloat16' or device.type == 'cpu' else torch.float16
+    if device.type == 'cpu' and amp_dtype == 'float16':
+        _logger.info('mixed precision on CPU runs in bfloat16')
+    scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+    return Amp(partial(torch.autocast, device_type=device.type, dtype=dtype), scaler, 'native')
+
+
+def resolve_amp(args, device, training=True):
+    """--amp / --native-amp / --apex-amp and --amp-dtype. NVIDIA apex is used only to train on
+    CUDA where it is importable; everywhere else these mean native torch.amp."""
+    if not (args.amp or args.native_amp or args.apex_amp):
+        return Amp()
+    if args.apex_amp:
+        if not training:
+            _logger.info('--apex-amp: evaluating with native torch.amp')
+        else:
+            try:
+                from apex import amp as apex_amp  # noqa: F401
+                if device.type == 'cuda':
+                    return Amp(kind='apex')
+                _logger.warning('--apex-amp: apex needs CUDA; using native torch.amp instead')
+            except ImportError:
+                _logger.warning('--apex-amp: NVIDIA apex is not installed; using native torch.amp instead')
+    return native_amp(device, args.amp_dtype)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a process is: its device, rank and the world it trains in, and its mixed precision."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: Amp = Amp()
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_runtime(args, training=True):
+    """Device and process group (torchrun's env:// when WORLD_SIZE > 1), seeds offset by rank, and
+    mixed precision, from the shared options (engine/options.py)."""
+    device, rank, world_size = init_distributed(args.device, getattr(args, 'local_rank', 0))
+    seed = getattr(args, 'seed', None)
+    if seed is not None:
+        random.seed(seed + rank)
+        np.random.seed(seed + rank)
+        torch.manual_seed(seed + rank)
+    runtime = Runtime(device, rank, world_size, resolve_amp(args, device, training))
+    if training and rank == 0:
+        _logger.info('Mixed precision: %s', runtime.amp.kind or 'off (float32)')
+    return runtime

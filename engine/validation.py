@@ -1,0 +1,73 @@
+"""What the validators share: settings taken from the checkpoint's training run unless the command
+line gives them, and the results file (checked before any work, written atomically)."""
+import csv
+import io
+import json
+import logging
+import math
+import os
+
+from utils.cli import UsageError
+from .checkpoint_saver import write_atomically
+
+_logger = logging.getLogger(__name__)
+
+
+def settings_from_training(given: dict, trained: dict, source, defaults=None):
+    """{name: value}: the command line's value (`given`, None where it gives none), else the
+    training run's (`trained`), else `defaults`; says which were taken from the checkpoint and which
+    the command line overrides."""
+    defaults = defaults or {}
+    settings, taken, overridden = {}, [], []
+    for name, value in given.items():
+        recorded = trained.get(name)
+        recorded = list(recorded) if isinstance(recorded, tuple) else recorded
+        value = list(value) if isinstance(value, tuple) else value
+        if value is None and recorded is not None:
+            taken.append(f'{name}={recorded}')
+            value = recorded
+        elif value is not None and recorded is not None and value != recorded:
+            overridden.append(f'--{name.replace("_", "-")} {value} (trained with {recorded})')
+        settings[name] = defaults.get(name) if value is None else value
+    if taken:
+        _logger.info('%s: %s from the checkpoint (the command line overrides them)', source, ', '.join(taken))
+    if overridden:
+        _logger.info('%s: the command line overrides the checkpoint: %s', source, '; '.join(overridden))
+    return settings
+
+
+def check_results_file(path, suffixes=('.json',), option='--results-file'):
+    """Before any work: the name has one of `suffixes` and its folder exists."""
+    if not path:
+        return
+    if not path.endswith(tuple(suffixes)):
+        raise UsageError(f'{option} {path}: use a {" or ".join(suffixes)} name')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f'{option} {path}: folder {folder} does not exist')
+
+
+def _json_safe(value):
+    """NaN (e.g. a class absent from labels and predictions) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(path, rows):
+    """One dict (or a list of them) as JSON, or rows as CSV, by the file's name; atomically."""
+    if path.endswith('.json'):
+        text = json.dumps(_json_safe(rows), indent=2)
+    else:
+        rows = rows if isinstance(rows, list) else [rows]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    write_atomically(path, text.encode())
+    _logger.info('results written to %s', path)
