@@ -1,4 +1,4 @@
-"""The repository's import structure: layers -> models -> utils/data/loss -> scripts, one way."""
+"""The repository's import structure: layers -> models -> utils/data/loss/engine -> scripts, one way."""
 import ast
 import glob
 import os
@@ -8,11 +8,13 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ('layers', 'models', 'utils', 'data', 'loss')
+PACKAGES = ('layers', 'models', 'utils', 'data', 'loss', 'engine')
 SCRIPTS = ('main', 'validate', 'demo', 'train_seg', 'validate_seg', 'demo_seg', 'tools')
 # what each package may import from this repository (function-level imports count too)
 ALLOWED = {'layers': {'layers'}, 'models': {'layers', 'models'}, 'utils': {'layers', 'utils'},
-           'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}}
+           'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}, 'engine': {'layers', 'utils', 'engine'}}
+TRAINERS = ('main', 'train_seg')
+VALIDATORS = ('validate', 'validate_seg')
 
 
 def repo_imports(path, package):
@@ -40,6 +42,20 @@ def test_imports_point_one_way(package):
     assert not wrong, f'imports against the layering: {wrong}'
 
 
+@pytest.mark.parametrize('script', TRAINERS + VALIDATORS)
+def test_task_scripts_use_the_engine_and_not_each_other(script):
+    """A trainer's scaffold (run directory, resume, checkpoints, tracking, AMP, the optimizer step)
+    and a validator's shared settings come from engine/, never from another task script."""
+    path = os.path.join(REPO, script + '.py')
+    imported = repo_imports(path, None)
+    assert 'engine' in imported
+    assert not imported & (set(TRAINERS + VALIDATORS) - {script}), imported
+    text = open(path).read()
+    for private_copy in ('class CheckpointSaver', 'def init_distributed', 'def native_amp', 'class Tracker',
+                         'RunLock(', 'torch.save(', 'NativeScaler(', 'dispatch_clip_grad('):
+        assert private_copy not in text, f'{script}.py: {private_copy}'
+
+
 def test_the_checker_sees_function_level_imports(tmp_path):
     sample = tmp_path / 'x.py'
     sample.write_text('def f():\n    from models.volo import VARIANTS\n    from . import checkpoint\n')
@@ -56,7 +72,7 @@ def test_tools_run_as_modules_without_editing_sys_path():
 
 def test_importing_the_repository_patches_nothing_in_timm():
     code = ('from timm.data import auto_augment as a; before = dict(a.NAME_TO_OP); '
-            'import layers, models, utils, data, loss, main, validate, train_seg, validate_seg, demo_seg; '
+            'import layers, models, utils, data, loss, engine, main, validate, train_seg, validate_seg, demo_seg; '
             'assert a.NAME_TO_OP == before, "timm op table changed"')
     done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -81,3 +97,17 @@ def test_ci_runs_readme_test_command():
     assert len(commands) == 2 and commands[0].endswith('python demo.py')
     ci = [line.strip() for line in open(os.path.join(REPO, '.ci', 'run')) if line.strip() and not line.startswith('#')]
     assert ci[-1] == commands[1]
+
+
+def test_tlt_public_names_stay():
+    """The token-labeling names notebooks import (tlt's data, loss and utils), here."""
+    import data
+    import loss
+    import utils
+    for module, names in ((data, ('create_token_label_target', 'create_token_label_loader',
+                                  'create_token_label_dataset', 'TokenLabelMixup', 'DatasetTokenLabel')),
+                          (loss, ('TokenLabelCrossEntropy', 'TokenLabelGTCrossEntropy',
+                                  'TokenLabelSoftTargetCrossEntropy', 'SoftTargetCrossEntropy')),
+                          (utils, ('load_pretrained_weights',))):
+        missing = [name for name in names if not callable(getattr(module, name, None))]
+        assert not missing, f'{module.__name__}: {missing}'

@@ -1,0 +1,167 @@
+"""The engine every trainer shares (engine/): a non-finite loss on one rank stops every rank with
+one line, a failed evaluation loses no trained work, segmentation's tracking holds its summary,
+and the option vocabulary is one for all scripts (renamed spellings still work)."""
+import glob
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main as train_script
+import train_seg
+import validate
+import validate_seg
+from data import DataError
+from data.synthetic_seg import make_seg_dataset
+from engine.summary import read_summary
+from tests.test_tracking import wandb_history, wandb_records
+from tests.training_runs import FAST
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEG_FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
+            '--log-interval', '1', '--head-channels', '32', '--aux-channels', '16', '--drop-path', '0']
+SEG_COLUMNS = ('train_loss', 'lr', 'eval_mIoU', 'eval_mAcc', 'eval_aAcc')
+
+
+@pytest.fixture(scope='module')
+def seg_data(tmp_path_factory):
+    return make_seg_dataset(str(tmp_path_factory.mktemp('seg')), 'seg-folder', num_classes=4, train=4, val=2,
+                            size=(48, 48))
+
+
+def torchrun_with_nan_on_rank_1(tmp_path, script, args):
+    """Two gloo processes of `script` whose rank 1 gets a NaN loss at its second step; returns
+    (torchrun's exit code, {rank: that process's stderr})."""
+    logs = tmp_path / 'logs'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           '--log-dir', str(logs), '--redirects', '3', os.path.join(REPO, 'tests', 'nan_on_one_rank.py'),
+           os.path.join(REPO, script), *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    per_rank = {int(os.path.basename(os.path.dirname(p))): open(p).read()
+                for p in glob.glob(str(logs / '**' / 'stderr.log'), recursive=True)}
+    assert set(per_rank) == {0, 1}, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.returncode, per_rank
+
+
+@pytest.mark.parametrize('script', ['main.py', 'train_seg.py'])
+def test_nan_on_one_rank_stops_every_rank_with_one_line(shapes, seg_data, tmp_path, script):
+    if script == 'main.py':
+        args = [shapes, *FAST, '-b', '4', '--epochs', '2', '--output', str(tmp_path / 'out')]
+        where = 'epoch 0, step 1'
+    else:
+        args = [seg_data, '--dataset', 'seg-folder', *SEG_FAST, '--iters', '4', '--eval-interval', '0',
+                '--output', str(tmp_path / 'out')]
+        where = 'iteration 1'
+    code, per_rank = torchrun_with_nan_on_rank_1(tmp_path, script, args)
+    assert code != 0
+    for rank, text in per_rank.items():
+        errors = [line for line in text.splitlines() if line.startswith('ERROR')]
+        assert len(errors) == 1, (rank, text[-3000:])
+        assert re.fullmatch(rf'ERROR: non-finite loss rank 1 \(nan\) at {where}: stopping\..*', errors[0]), errors
+        assert 'Traceback' not in text and 'Connection' not in text, (rank, text[-3000:])
+
+
+def test_a_failed_evaluation_keeps_the_trained_iterations(seg_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = tmp_path / 'data'
+    import shutil
+    shutil.copytree(seg_data, data)
+    victim = sorted((data / 'images' / 'val').iterdir())[1]
+    good = victim.read_bytes()
+    victim.write_bytes(b'not an image')
+    out = tmp_path / 'out'
+    argv = [str(data), '--dataset', 'seg-folder', *SEG_FAST, '--iters', '4', '--eval-interval', '2',
+            '--eval-mode', 'whole', '--output', str(out)]
+    with pytest.raises(DataError, match='not a readable image'):
+        train_seg.main(argv)
+    [run] = glob.glob(str(out / 'train_seg' / '*'))
+    saved = torch.load(os.path.join(run, 'last.pth.tar'), weights_only=False)
+    assert saved['iteration'] == 2 and 'metric' not in saved
+    rows = read_summary(os.path.join(run, 'summary.csv'))
+    assert [r['iteration'] for r in rows] == ['2'] and 'eval_mIoU' not in rows[0]
+    assert 'the evaluation at iteration 2 failed: the trained state is saved in' in caplog.text
+
+    victim.write_bytes(good)
+    caplog.clear()
+    assert train_seg.main(argv + ['--resume', 'auto']) == run
+    assert 'continuing at iteration 2' in caplog.text
+    rows = read_summary(os.path.join(run, 'summary.csv'))
+    assert [r['iteration'] for r in rows] == ['2', '4'] and rows[1]['eval_mIoU']
+
+
+def test_train_seg_tracking_holds_the_summary(seg_data, tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    tensorboard = tmp_path / 'tb'
+    run = train_seg.main([seg_data, '--dataset', 'seg-folder', *SEG_FAST, '--iters', '4', '--eval-interval', '2',
+                          '--eval-mode', 'whole', '--output', str(tmp_path / 'out'), '--log-wandb',
+                          '--wandb-project', 'volo-seg-tests', '--log-tensorboard', str(tensorboard)])
+    rows = read_summary(os.path.join(run, 'summary.csv'))
+    assert [r['iteration'] for r in rows] == ['2', '4']
+
+    events = EventAccumulator(str(tensorboard))
+    events.Reload()
+    for column in SEG_COLUMNS:
+        logged = [(s.step, s.value) for s in events.Scalars(f'iteration/{column}')]
+        assert logged == [(int(r['iteration']), pytest.approx(float(r[column]), rel=1e-6)) for r in rows], column
+    assert [s.step for s in events.Scalars('train/loss')] == [1, 2, 3, 4]
+
+    [events_file] = glob.glob(os.path.join(run, 'wandb', 'offline-run-*', 'run-*.wandb'))
+    records = wandb_records(events_file)
+    history = wandb_history(records)
+    logged = [h for h in history if 'iteration/iteration' in h]
+    assert [h['iteration/iteration'] for h in logged] == [2, 4]
+    for entry, row in zip(logged, rows, strict=True):
+        for column in SEG_COLUMNS:
+            assert entry[f'iteration/{column}'] == float(row[column]), column  # doubles: exactly the CSV's
+    assert [h['train/step'] for h in history if 'train/loss' in h] == [1, 2, 3, 4]
+    run_record = next(r.run for r in records if r.WhichOneof('record_type') == 'run')
+    assert run_record.project == 'volo-seg-tests'
+
+
+def test_renamed_segmentation_options_keep_working_and_say_what_to_use(tmp_path, caplog):
+    new = train_seg.parse_args(['/d', '--dataset', 'seg-folder', '--img-scale', '96', '64', '--backbone-checkpoint',
+                                'x.pth'])
+    assert 'is now' not in caplog.text
+    old = train_seg.parse_args(['/d', '--dataset', 'folder', '--scale', '96', '64', '--pretrained', 'x.pth'])
+    for args in (new, old):
+        assert (args.dataset, args.img_scale, args.backbone_checkpoint) == ('seg-folder', [96, 64], 'x.pth')
+    for said in ('--dataset folder is now --dataset seg-folder', '--scale is now --img-scale',
+                 '--pretrained is now --backbone-checkpoint'):
+        assert said in caplog.text
+    assert not hasattr(old, 'scale') and not hasattr(old, 'pretrained')
+
+    caplog.clear()
+    config = tmp_path / 'old.yaml'
+    config.write_text(yaml.safe_dump({'dataset': 'folder', 'scale': [96, 64], 'pretrained': 'x.pth'}))
+    args = train_seg.parse_args(['/d', '-c', str(config)])
+    assert (args.dataset, args.img_scale, args.backbone_checkpoint) == ('seg-folder', [96, 64], 'x.pth')
+    assert 'key scale is now img-scale' in caplog.text and 'key pretrained is now backbone-checkpoint' in caplog.text
+    assert validate_seg.parse_args(['/d', '--checkpoint', 'c', '--dataset', 'folder']).dataset == 'seg-folder'
+
+
+def test_one_option_vocabulary_for_every_script():
+    trainers = (train_script.get_parser(), train_seg.get_parser())
+    validators = (validate.parse_args, validate_seg.parse_args)
+    for parser in trainers:
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        assert flags >= {'-c', '--device', '-j', '--amp', '--amp-dtype', '--apex-amp', '--native-amp', '--seed',
+                         '--output', '--resume', '--log-interval', '--log-wandb', '--wandb-project', '--wandb-tags',
+                         '--wandb-resume-id', '--log-tensorboard', '--sync-bn', '--no-sync-bn'}
+    for parse in validators:
+        args = parse(['/d', '--checkpoint', 'c', '--device', 'cpu', '-j', '1', '--amp', '--amp-dtype', 'bfloat16'])
+        assert (args.device, args.workers, args.amp, args.amp_dtype) == ('cpu', 1, True, 'bfloat16')
+    assert train_script.parse_args(['/d']).sync_bn is False and train_script.parse_args(['/d', '--sync-bn']).sync_bn
+    assert train_seg.parse_args(['/d']).sync_bn is True and not train_seg.parse_args(['/d', '--no-sync-bn']).sync_bn
+    # what a resumed command may change is marked where the options are defined
+    from engine import run_extending
+    assert {'epochs', 'output', 'workers', 'log_wandb', 'resume'} <= run_extending(trainers[0])
+    assert {'iters', 'output', 'workers', 'log_tensorboard', 'eval_interval'} <= run_extending(trainers[1])
+    assert not {'lr', 'model', 'batch_size'} & (run_extending(trainers[0]) | run_extending(trainers[1]))

@@ -1,0 +1,98 @@
+"""Runs written before the shared engine resume and validate with today's code. The old runs are
+made by the code of commit BEFORE_ENGINE itself (main.py and train_seg.py with their own
+scaffolds, segmentation's old option names and checkpoints that stored the iteration as `epoch`),
+taken out of this repository's history."""
+import glob
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+import yaml
+
+import train_seg
+import validate
+import validate_seg
+from data.synthetic_seg import make_seg_dataset
+from engine.summary import read_summary
+from tests.training_runs import FAST, run_fast
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEFORE_ENGINE = '149d415ae1a4b94169a2b2756ae914f0439384ef'
+OLD_SEG = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
+           '--log-interval', '1', '--head-channels', '32', '--aux-channels', '16', '--drop-path', '0',
+           '--eval-interval', '2', '--eval-mode', 'whole']
+
+
+@pytest.fixture(scope='module')
+def old_code(tmp_path_factory):
+    archive = subprocess.run(['git', '-C', REPO, 'archive', '--format=tar', BEFORE_ENGINE], capture_output=True)
+    assert archive.returncode == 0, (f'commit {BEFORE_ENGINE} is not in this clone (clone with its history, not '
+                                     f'--depth 1): {archive.stderr.decode()}')
+    dest = tmp_path_factory.mktemp('before_engine')
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter='data')
+    return dest
+
+
+def run_old(old_code, script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('PYTHONPATH', None)
+    done = subprocess.run([sys.executable, script, *map(str, args)], cwd=old_code, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_classification_run_from_before_resumes_and_validates(old_code, shapes, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / 'out'
+    run_old(old_code, 'main.py', shapes, *FAST, '--output', out, '--epochs', '1')
+    [run] = glob.glob(str(out / 'train' / '*'))
+    old_checkpoint = tmp_path / 'old_last.pth.tar'
+    shutil.copy(os.path.join(run, 'last.pth.tar'), old_checkpoint)
+    old_rows = read_summary(os.path.join(run, 'summary.csv'))
+
+    assert run_fast(shapes, out, '--epochs', '2', '--resume', 'auto') == run
+    assert 'continuing at epoch 1' in caplog.text
+    rows = read_summary(os.path.join(run, 'summary.csv'))
+    assert [r['epoch'] for r in rows] == ['0', '1'] and rows[0] == old_rows[0]
+    assert torch.load(os.path.join(run, 'last.pth.tar'), weights_only=False)['epoch'] == 1
+
+    for checkpoint in (old_checkpoint, run):  # a run directory: each of its checkpoints
+        results = validate.main([shapes, '--checkpoint', str(checkpoint), '-j', '0'])
+        assert results and all(r['img_size'] == 32 and 0 <= r['top1'] <= 100 for r in results)
+    [old_result] = validate.main([shapes, '--checkpoint', str(old_checkpoint), '-j', '0'])
+    assert old_result['top1'] == pytest.approx(float(old_rows[0]['eval_top1']), abs=1e-4)  # validate rounds to 4
+
+
+def test_a_segmentation_run_from_before_resumes_and_validates(old_code, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = make_seg_dataset(str(tmp_path / 'data'), 'seg-folder', num_classes=4, train=4, val=2, size=(48, 48))
+    out = tmp_path / 'out'
+    run_old(old_code, 'train_seg.py', data, '--dataset', 'folder', '--scale', 96, 64, *OLD_SEG, '--iters', 2,
+            '--output', out)
+    [run] = glob.glob(str(out / 'train_seg' / '*'))
+    old_checkpoint = tmp_path / 'old_last.pth.tar'
+    shutil.copy(os.path.join(run, 'last.pth.tar'), old_checkpoint)
+    old = torch.load(old_checkpoint, weights_only=False)
+    assert old['epoch'] == 2 and 'iteration' not in old  # the old layout
+    assert yaml.safe_load(open(os.path.join(run, 'args.yaml')))['scale'] == [96, 64]
+
+    # today's spellings find the old run: its dataset kind and option names are read as today's
+    assert train_seg.main([data, '--dataset', 'seg-folder', '--img-scale', '96', '64', *OLD_SEG, '--iters', '4',
+                           '--output', str(out), '--resume', 'auto']) == run
+    assert 'continuing at iteration 2' in caplog.text
+    rows = read_summary(os.path.join(run, 'summary.csv'))
+    assert [r['iteration'] for r in rows] == ['2', '4'] and all(r['eval_mIoU'] for r in rows)
+    assert torch.load(os.path.join(run, 'last.pth.tar'), weights_only=False)['iteration'] == 4
+
+    for checkpoint in (old_checkpoint, run):
+        results = validate_seg.main([data, '--checkpoint', str(checkpoint), '--mode', 'whole', '-j', '0'])
+        assert results['dataset'] == 'seg-folder' and results['crop_size'] == [32, 32]
+    old_results = validate_seg.main([data, '--checkpoint', str(old_checkpoint), '--mode', 'whole', '-j', '0'])
+    assert old_results['mIoU'] == pytest.approx(float(rows[0]['eval_mIoU']), abs=1e-6)
