@@ -1,0 +1,119 @@
+"""README.md and docs/: relative links resolve (anchors included), README stays a short front door
+that links every docs page. Needs no torch."""
+import glob
+import os
+import re
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, 'README.md')
+DOCS = sorted(glob.glob(os.path.join(REPO, 'docs', '*.md')))
+README_MAX_LINES = 200
+
+FENCE = re.compile(r'^\s*(```|~~~)')
+LINK = re.compile(r'(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+"[^"]*")?\)')
+IMAGE = re.compile(r'!\[[^\]]*\]\(([^)\s]+)(?:\s+"[^"]*")?\)')
+HEADING = re.compile(r'^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$')
+EXTERNAL = ('http://', 'https://', 'mailto:')
+
+
+def prose_lines(path):
+    """The file's lines outside fenced code blocks, with inline code spans removed."""
+    inside = False
+    for line in open(path, encoding='utf-8').read().splitlines():
+        if FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside:
+            yield re.sub(r'`[^`]*`', '', line)
+
+
+def links(path):
+    """Every Markdown link and image target of the file, outside code."""
+    found = []
+    for line in prose_lines(path):
+        found += LINK.findall(line) + IMAGE.findall(line)
+    return found
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: markup dropped, lowercase, characters other than letters,
+    digits, spaces, hyphens and underscores dropped, spaces to hyphens."""
+    text = re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', heading)  # a link in a heading keeps its text
+    text = text.replace('`', '').replace('*', '').lower()
+    text = re.sub(r'[^\w\- ]', '', text)
+    return text.replace(' ', '-')
+
+
+def anchors(path):
+    """The anchors of a Markdown file's headings (repeated headings get -1, -2, ... as on GitHub)."""
+    seen, result = {}, set()
+    for line in prose_lines(path):
+        match = HEADING.match(line)
+        if not match:
+            continue
+        base = slug(match.group(1))
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        result.add(base if count == 0 else f'{base}-{count}')
+    return result
+
+
+def broken_links(path):
+    """(target, why) for every relative link of `path` that does not resolve."""
+    broken = []
+    for target in links(path):
+        if target.lower().startswith(EXTERNAL):
+            continue
+        file_part, _, anchor = target.partition('#')
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        if not os.path.exists(resolved):
+            broken.append((target, 'no such file or directory'))
+            continue
+        if anchor:
+            if not resolved.endswith('.md') or os.path.isdir(resolved):
+                broken.append((target, 'an anchor into something that is not a Markdown file'))
+            elif anchor not in anchors(resolved):
+                broken.append((target, f'no heading with the anchor #{anchor} in {os.path.relpath(resolved, REPO)}'))
+    return broken
+
+
+def test_there_are_docs_pages():
+    assert DOCS, 'docs/*.md: no pages'
+
+
+@pytest.mark.parametrize('path', [README] + DOCS, ids=lambda p: os.path.relpath(p, REPO))
+def test_docs_relative_links_resolve(path):
+    broken = broken_links(path)
+    assert not broken, f'{os.path.relpath(path, REPO)}: broken links: {broken}'
+
+
+@pytest.mark.parametrize('path', DOCS, ids=lambda p: os.path.relpath(p, REPO))
+def test_docs_page_starts_with_a_title_and_links_back_to_readme(path):
+    lines = open(path, encoding='utf-8').read().splitlines()
+    assert lines and re.match(r'^# \S', lines[0]), f'{path}: the first line is not a one-line "# Title"'
+    readme = os.path.relpath(README, os.path.dirname(path))
+    assert any(t.partition('#')[0] == readme for t in links(path)), f'{path}: no link back to {readme}'
+
+
+def test_readme_is_short():
+    count = len(open(README, encoding='utf-8').read().splitlines())
+    assert count <= README_MAX_LINES, f'README.md has {count} lines, at most {README_MAX_LINES}'
+
+
+def test_readme_links_every_docs_page():
+    linked = {os.path.normpath(os.path.join(REPO, t.partition('#')[0])) for t in links(README)
+              if not t.lower().startswith(EXTERNAL)}
+    missing = [os.path.relpath(p, REPO) for p in DOCS if os.path.normpath(p) not in linked]
+    assert not missing, f'docs pages README.md does not link: {missing}'
+
+
+def test_docs_checker_catches_broken_links(tmp_path):
+    """The checker itself: a missing file, a missing anchor and a good link with an anchor."""
+    (tmp_path / 'other.md').write_text('# Other page\n\n## Fine-tuning at 384/448/512\n\n## The paper\'s numbers\n')
+    page = tmp_path / 'page.md'
+    page.write_text('# Page\n\n[ok](other.md#fine-tuning-at-384448512) [ok](other.md#the-papers-numbers) '
+                    '[ok](#page) [web](https://example.com/x.md)\n[gone](missing.md) [bad](other.md#nothing)\n'
+                    '```\n[in code](nowhere.md)\n```\n`[inline](nowhere.md)`\n')
+    assert sorted(t for t, _ in broken_links(str(page))) == ['missing.md', 'other.md#nothing']
