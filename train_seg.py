@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from data import (DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, SegTrainTransform, build_seg_dataset,
                   seg_dataset_kind, seg_dataset_type)
-from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, extends_run, find_resume,
-                    optimizer_step, parse_with_config, run_trainer, setup_runtime)
+from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, explain_out_of_memory,
+                    extends_run, find_resume, optimizer_step, parse_with_config, run_trainer, setup_runtime, write_atomically)
 from loss import SegmentationLoss
+from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
 from utils import load_pretrained_weights, resume_checkpoint
 from utils.checkpoint import training_step
@@ -200,6 +201,7 @@ def main(argv=None):
     device = runtime.device
     resume = find_resume(args, parser, 'train_seg', upgrade=upgrade_run_args)
     try:
+        check_img_size(args.crop_size, '--crop-size')
         check_window(tuple(args.crop_size), tuple(args.eval_stride), size_divisor(args.model))
     except ValueError as e:
         raise UsageError(f'--crop-size / --eval-stride: {e}') from None
@@ -261,10 +263,11 @@ def main(argv=None):
             set_lr(optimizer, lr)
             images, labels, _ = next(data)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with runtime.amp.autocast():
-                loss, parts = loss_fn(train_model(images), labels)
-            check_finite_loss(loss, runtime, f'iteration {iteration}')
-            optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad)
+            with explain_out_of_memory(f'iteration {iteration}', '-b, --crop-size (or use --amp)'):
+                with runtime.amp.autocast():
+                    loss, parts = loss_fn(train_model(images), labels)
+                check_finite_loss(loss, runtime, f'iteration {iteration}')
+                optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad)
             running.append(float(loss.detach()))
             done = iteration + 1
             run.log_step(done, dict(loss=running[-1], lr=lr))
@@ -299,8 +302,7 @@ def main(argv=None):
     best, best_iter = run.best
     if best is not None:
         _logger.info('*** Best mIoU: %.2f (iteration %d)', best, best_iter)
-        with open(os.path.join(run.path, 'best.json'), 'w') as f:
-            json.dump({'mIoU': best, 'iteration': best_iter}, f)
+        write_atomically(os.path.join(run.path, 'best.json'), json.dumps({'mIoU': best, 'iteration': best_iter}).encode())
     run.close()
     return run.path
 

@@ -22,8 +22,9 @@ from PIL import Image
 
 from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset, seg_dataset_kind, \
     seg_dataset_type
-from engine import (add_amp_options, add_device_options, check_results_file, resolve_amp, select_device,
-                    settings_from_training, write_results)
+from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, check_writable_folder,
+                    resolve_amp, save_image, select_device, settings_from_training, write_results)
+from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint
 from utils.cli import UsageError, run_cli
@@ -92,6 +93,10 @@ def resolve_settings(args, contents):
     for name, value in settings.items():
         if value is None:
             raise UsageError(f'{contents.path} does not record the {name}: pass --{name.replace("_", "-")}')
+    try:
+        check_img_size(settings['crop_size'], '--crop-size' if args.crop_size else f'{contents.path}: crop_size')
+    except ValueError as e:
+        raise (UsageError if args.crop_size else CheckpointError)(str(e)) from None
     return settings
 
 
@@ -118,6 +123,9 @@ def main(argv=None):
     if args.log_file:
         log_to_file(args.log_file)
     check_results_file(args.results_file)
+    for option, folder in (('--save-predictions', args.save_predictions), ('--save-overlays', args.save_overlays)):
+        if folder:
+            check_writable_folder(folder, option)
     device = select_device(args.device)
     contents = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     settings = resolve_settings(args, contents)
@@ -140,9 +148,6 @@ def main(argv=None):
 
     on_prediction = None
     if args.save_predictions or args.save_overlays:
-        for folder in (args.save_predictions, args.save_overlays):
-            if folder:
-                os.makedirs(folder, exist_ok=True)
         colours = palette(model.num_classes)
         offset = 1 if dataset.reduce_zero_label else 0
 
@@ -151,9 +156,10 @@ def main(argv=None):
             stem = os.path.splitext(os.path.basename(dataset.pairs[index][1]))[0]
             pred = pred.numpy()
             if args.save_predictions:
-                Image.fromarray((pred + offset).astype(np.uint8)).save(os.path.join(args.save_predictions, f'{stem}.png'))
+                save_image(Image.fromarray((pred + offset).astype(np.uint8)),
+                           os.path.join(args.save_predictions, f'{stem}.png'))
             if args.save_overlays:
-                make_overlay(image_path, pred, colours).save(os.path.join(args.save_overlays, f'{stem}.png'))
+                save_image(make_overlay(image_path, pred, colours), os.path.join(args.save_overlays, f'{stem}.png'))
         on_prediction = save_outputs
 
     ratios, flip = (AUG_TEST_RATIOS, True) if args.aug_test else ((1.0,), False)
@@ -170,14 +176,15 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     _logger.info('%s\n%d images in %.1f s', format_table(results), len(dataset), elapsed)
     results.update(checkpoint=contents.path, model=settings['model'], dataset=settings['dataset'], mode=args.mode,
-                   crop_size=list(crop_size), stride=list(stride), aug_test=args.aug_test, images=len(dataset))
+                   crop_size=list(crop_size), stride=list(stride), aug_test=args.aug_test, images=len(dataset),
+                   num_images=len(dataset))
     if args.results_file:
         write_results(args.results_file, results)
     return results
 
 
 def cli(argv=None):
-    run_cli(main, argv, (UsageError, DataError, CheckpointError), _logger)
+    run_cli(main, argv, (UsageError, DataError, CheckpointError, DiskFullError), _logger)
 
 
 if __name__ == '__main__':

@@ -5,7 +5,6 @@ model_best, checkpoint-<epoch>) gets a hard link of it (a copy where links are n
 which is then moved into place with one `os.replace`. A crash at any moment leaves every name
 either its previous complete file or the new complete one; nothing is unlinked first.
 """
-import errno
 import logging
 import os
 import shutil
@@ -14,9 +13,9 @@ from typing import List, Optional, Tuple
 import torch
 from timm.utils import unwrap_model
 
-_logger = logging.getLogger(__name__)
+from .files import PARTIAL, DiskFullError, write_staged  # noqa: F401  (DiskFullError: the saver's error)
 
-PARTIAL = '.partial'
+_logger = logging.getLogger(__name__)
 
 
 def replace_with_copy_of(source: str, target: str):
@@ -29,39 +28,6 @@ def replace_with_copy_of(source: str, target: str):
     except OSError:
         shutil.copyfile(source, staging)
     os.replace(staging, target)
-
-
-class DiskFullError(OSError):
-    """No space left while writing a checkpoint or a run file; the earlier files are untouched."""
-
-
-def _disk_full(e):
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def write_staged(path, write, kept):
-    """write(file) into `path`'s temporary name, synced to disk; returns that name, for the caller to
-    move into place. Nothing partial stays behind when it fails; a full disk is a DiskFullError
-    naming the file and what is `kept`."""
-    staging = path + PARTIAL
-    try:
-        with open(staging, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        if os.path.exists(staging):
-            os.remove(staging)
-        if _disk_full(e):
-            raise DiskFullError(e.errno, f'no space left on device while writing {staging}; {kept}') from None
-        raise
-    return staging
-
-
-def write_atomically(path, data: bytes):
-    """`data` to `path` through a temporary file moved into place: `path` is its previous complete
-    contents or the new ones, never partial."""
-    os.replace(write_staged(path, lambda f: f.write(data), f'{path} is kept as it was'), path)
 
 
 class CheckpointSaver:

@@ -6,7 +6,7 @@ import io
 import logging
 import os
 
-from .checkpoint_saver import write_atomically
+from .files import write_atomically
 
 _logger = logging.getLogger(__name__)
 

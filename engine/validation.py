@@ -8,7 +8,7 @@ import math
 import os
 
 from utils.cli import UsageError
-from .checkpoint_saver import write_atomically
+from .files import check_writable_folder, write_atomically
 
 _logger = logging.getLogger(__name__)
 
@@ -37,14 +37,18 @@ def settings_from_training(given: dict, trained: dict, source, defaults=None):
 
 
 def check_results_file(path, suffixes=('.json',), option='--results-file'):
-    """Before any work: the name has one of `suffixes` and its folder exists."""
+    """Before any work: the name has one of `suffixes`, it is not a folder, and its folder exists
+    and takes a file."""
     if not path:
         return
     if not path.endswith(tuple(suffixes)):
         raise UsageError(f'{option} {path}: use a {" or ".join(suffixes)} name')
+    if os.path.isdir(path):
+        raise UsageError(f'{option} {path}: it is a folder; name a file')
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f'{option} {path}: folder {folder} does not exist')
+    check_writable_folder(folder, option, named=path)
 
 
 def _json_safe(value):

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.seg_dataset import CITYSCAPES_TRAIN_IDS
+from engine import DiskFullError, save_image
 from layers import IGNORE_INDEX
 
 
@@ -40,9 +41,7 @@ def convert(label_ids_path: str, table: np.ndarray, overwrite=False) -> bool:
         ids = np.array(img)
     if ids.min() < 0 or ids.max() > 255:
         raise ValueError(f'{label_ids_path}: label ids outside 0..255')
-    staging = target + '.partial.png'
-    Image.fromarray(table[ids.astype(np.int64)]).save(staging)
-    os.replace(staging, target)
+    save_image(Image.fromarray(table[ids.astype(np.int64)]), target)
     return True
 
 
@@ -64,7 +63,7 @@ def main(argv=None):
     try:
         for path in tqdm(files, desc='labelTrainIds', disable=None):
             written += convert(path, table, args.overwrite)
-    except ValueError as e:
+    except (ValueError, DiskFullError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     print(f'{written} written, {len(files) - written} already present, under {gt_dir}')

@@ -18,9 +18,11 @@ import sys
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from models import MINDCV_MODELS, numerics_kwargs
+from engine import DiskFullError, write_atomically
+from engine.files import write_staged
+from models import MINDCV_MODELS, check_file_settings, numerics_kwargs
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights
 from utils.mindspore_ckpt import MindSporeCheckpointError, describe_dropped, read_mindcv_checkpoint
 
@@ -42,19 +44,22 @@ def convert(src, dst, model_name, use_ema=False):
     kwargs = dict(num_classes=num_classes, **numerics_kwargs(model_name, 'mindcv'))
     if img_size:
         kwargs['img_size'] = img_size
+    try:  # the size its position embedding implies, checked against the file before a model is built
+        check_file_settings(model_name, state_dict, src, **kwargs)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     model = timm.create_model(model_name, **kwargs)
     load_pretrained_weights(model, src, strict=True, state_dict=state_dict)
-    staging = dst + '.partial'
     if dst.endswith('.safetensors'):  # weights only, the settings in the metadata (as tools/export_weights.py)
         metadata = {'format': 'pt', 'model': model_name, 'numerics': 'mindcv', 'num_classes': str(num_classes),
                     'source': os.path.basename(src)}
         if img_size:
             metadata['img_size'] = str(img_size)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging, metadata=metadata)
+        write_atomically(dst, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata))
     else:
-        torch.save({'state_dict': model.state_dict(), 'numerics': 'mindcv', 'arch': model_name,
-                    'source': os.path.basename(src)}, staging)
-    os.replace(staging, dst)
+        checkpoint = {'state_dict': model.state_dict(), 'numerics': 'mindcv', 'arch': model_name,
+                      'source': os.path.basename(src)}
+        os.replace(write_staged(dst, lambda f: torch.save(checkpoint, f)), dst)
     return model, weights
 
 
@@ -71,7 +76,7 @@ def main(argv=None):
         p.error(f'{args.dst}: its folder does not exist')
     try:
         model, weights = convert(args.src, args.dst, args.model, args.use_ema)
-    except (CheckpointError, MindSporeCheckpointError) as e:
+    except (CheckpointError, MindSporeCheckpointError, DiskFullError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     mapped = sum(1 for k in weights.state_dict if not k.endswith('num_batches_tracked'))

@@ -12,8 +12,9 @@ import json
 import os
 import sys
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from engine import DiskFullError, write_atomically
 from utils import CheckpointError, checkpoint_num_classes, read_checkpoint
 
 
@@ -33,9 +34,7 @@ def export(checkpoint, out, use_ema=False, model=None, img_size=None):
         metadata['class_names'] = json.dumps(contents.class_names)
     # one contiguous tensor per key (safetensors stores no shared or strided storage)
     tensors = {k: v.detach().contiguous().clone() for k, v in contents.state_dict.items()}
-    staging = out + '.partial'
-    save_file(tensors, staging, metadata=metadata)
-    os.replace(staging, out)
+    write_atomically(out, save(tensors, metadata=metadata))
     return metadata
 
 
@@ -54,7 +53,7 @@ def main(argv=None):
         p.error(f'{args.out}: folder {folder} does not exist')
     try:
         metadata = export(args.checkpoint, args.out, args.use_ema, args.model, args.img_size)
-    except CheckpointError as e:
+    except (CheckpointError, DiskFullError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     shown = {k: v for k, v in metadata.items() if k != 'class_names'}

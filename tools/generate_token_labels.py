@@ -29,6 +29,8 @@ from tqdm import tqdm
 import models  # noqa: F401
 from data.dataset import (DataError, ImageFolderDataset, describe_collisions, find_split, label_path,
                           label_path_collisions)
+from engine import DiskFullError
+from engine.files import is_disk_full
 from utils import CheckpointError, load_pretrained_weights
 from utils.log import setup_logging
 
@@ -91,7 +93,17 @@ def remove_stale_temporaries(output):
 def save_atomic(tensor, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(tensor, tmp)
+    try:
+        torch.save(tensor, tmp)
+    except BaseException as e:
+        full = is_disk_full(e, tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full:
+            raise DiskFullError(e.errno if isinstance(e, OSError) else 28,
+                                f'no space left on device while writing {tmp}; the label files written '
+                                f'before are kept (run again to continue)') from None
+        raise
     os.replace(tmp, path)
 
 
@@ -168,7 +180,7 @@ def main(argv=None):
 def cli(argv=None):
     try:
         return main(argv)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, DiskFullError) as e:
         _logger.error('%s', e)
         return 2
 
