@@ -61,18 +61,65 @@ def is_shard_pattern(text):
 
 
 def read_index(folder):
-    """index.json of a shard folder, or None when there is none."""
+    """index.json of a shard folder, its fields checked, or None when there is none."""
     path = os.path.join(folder, INDEX_NAME)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             index = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f'cannot read shard index {path}: {e}') from None
     if not isinstance(index, dict) or index.get('format') != INDEX_FORMAT or not isinstance(index.get('shards'), list):
         raise DataError(f'{path} is not a shard index written by tools/make_shards.py')
+
+    def bad(field, expected, value):
+        return DataError(f'{path}: field {field} must be {expected}, found {value!r}')
+
+    for i, shard in enumerate(index['shards']):
+        if not isinstance(shard, dict) or not isinstance(shard.get('name'), str) or not shard['name']:
+            raise bad(f'shards[{i}]', 'an object with a file name', shard)
+        count = shard.get('num_samples')
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise bad(f'shards[{i}].num_samples', 'a whole number >= 0', count)
+    names = index.get('class_names')
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise bad('class_names', 'a list of strings', names)
+    size = index.get('label_size')
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and
+                                 all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)):
+        raise bad('label_size', 'two positive whole numbers (the token-label map size) or null', size)
     return index
+
+
+def _check_ended(tar, url, samples):
+    """tarfile stops without an error at a damaged header: a shard must end with tar's end-of-
+    archive blocks right after its last member."""
+    tar.fileobj.seek(tar.offset)
+    rest = tar.fileobj.read(1024)
+    if len(rest) < 1024 or rest.count(0) != len(rest):
+        raise DataError(f'shard {url} ends after {samples} samples at byte {tar.offset} without tar\'s end-of-archive '
+                        f'blocks: a damaged member header, or a cut or changed file; make it again with '
+                        f'tools/make_shards.py')
+
+
+def _sample_key(member):
+    folder, name = os.path.split(member.name)
+    return os.path.join(folder, name.partition('.')[0])
+
+
+def count_samples(url):
+    """The samples of a shard, from its member headers (the data is seeked over, not read)."""
+    try:
+        with tarfile.open(url, 'r:') as tar:
+            keys, last = 0, None
+            for member in tar:
+                if member.isfile() and _sample_key(member) != last:
+                    keys, last = keys + 1, _sample_key(member)
+            _check_ended(tar, url, keys)
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f'cannot read shard {url}: {e}') from None
+    return keys
 
 
 def find_shard_split(root, split=None):
@@ -113,9 +160,15 @@ def find_shard_split(root, split=None):
                         f'{" ..." if len(missing) > 5 else ""}')
     counts = class_names = label_size = None
     if index is not None:
-        known = {s['name']: int(s['num_samples']) for s in index['shards']}
+        known = {s['name']: s['num_samples'] for s in index['shards']}
         if all(os.path.basename(u) in known for u in urls):
             counts = [known[os.path.basename(u)] for u in urls]
+            for url, count in zip(urls, counts):  # the index's claims against the tars themselves
+                held = count_samples(url)
+                if held != count:
+                    raise DataError(f'{os.path.join(folder, INDEX_NAME)} counts {count} samples in '
+                                    f'{os.path.basename(url)}, which holds {held}: the index does not belong to '
+                                    f'these shards; make them again with tools/make_shards.py')
         class_names = index.get('class_names')
         label_size = tuple(index['label_size']) if index.get('label_size') else None
     return ShardSplit(urls, counts, class_names, label_size, where)
@@ -148,9 +201,7 @@ def iter_shard(url, skip=0, take=None):
             for member in tar:
                 if not member.isfile():
                     continue
-                folder, name = os.path.split(member.name)
-                stem, _, field = name.partition('.')
-                member_key = os.path.join(folder, stem)
+                member_key = _sample_key(member)
                 if member_key != key:
                     if sample is not None:
                         yield sample
@@ -161,14 +212,18 @@ def iter_shard(url, skip=0, take=None):
                     continue
                 if sample is None:
                     sample = {'__key__': key, '__url__': url}
-                sample[field.lower()] = tar.extractfile(member).read()
+                sample[os.path.basename(member.name).partition('.')[2].lower()] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError) as e:
             raise DataError(f'shard {url} is damaged near sample {index} ({key}): {e}') from None
         if sample is not None:
             yield sample
-        if take is not None and index + 1 < skip + take:  # tarfile ends quietly at a damaged header
+        if take is not None and index + 1 < skip + take:
             raise DataError(f'shard {url} ends after {index + 1} samples, its index counts at least {skip + take}: '
                             f'it is damaged or was changed; make it again with tools/make_shards.py')
+        try:
+            _check_ended(tar, url, index + 1)
+        except OSError as e:
+            raise DataError(f'shard {url}: {e}') from None
 
 
 def sample_name(sample):

@@ -5,6 +5,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -311,3 +312,101 @@ def test_hugging_face_dataset_trains_and_validates(shapes, tmp_path):
                                     '-j', '0'])
     folder = validate_script.main([shapes, '--checkpoint', run, '-j', '0'])
     assert checked[0]['top1'] == pytest.approx(float(rows[0]['eval_top1']), abs=1e-3) == folder[0]['top1']
+
+
+def copy_split(shards, split, dest):
+    shutil.copytree(os.path.join(shards, split), dest)
+    return dest
+
+
+def edit_index(folder, change):
+    path = os.path.join(folder, 'index.json')
+    index = json.load(open(path))
+    change(index)
+    json.dump(index, open(path, 'w'))
+
+
+def test_an_index_that_disagrees_with_its_tars_is_named(shards, tmp_path):
+    """Counts lower than the tars hold trained and evaluated a part of the set without a word."""
+    folder = copy_split(shards, 'val', tmp_path / 'val')
+    assert find_shard_split(str(folder)).num_samples == 12
+    edit_index(folder, lambda index: index['shards'][1].update(num_samples=2))
+    with pytest.raises(DataError, match=r'index\.json counts 2 samples in val-000001\.tar, which holds 5'):
+        find_shard_split(str(folder))
+    for field, value, expected in (('num_samples', -1, r'shards\[0\]\.num_samples must be a whole number >= 0'),
+                                   ('num_samples', 'ten', r'shards\[0\]\.num_samples must be a whole number'),
+                                   ('name', 7, r'shards\[0\] must be an object with a file name')):
+        edit_index(folder, lambda index: index['shards'][0].update({field: value}))
+        with pytest.raises(DataError, match=rf'{re.escape(str(folder))}.index\.json: field {expected}'):
+            find_shard_split(str(folder))
+        folder = copy_split(shards, 'val', tmp_path / f'val-{field}-{value}')
+    edit_index(folder, lambda index: index['shards'][0].pop('num_samples'))
+    with pytest.raises(DataError, match=r'field shards\[0\]\.num_samples must be a whole number >= 0, found None'):
+        find_shard_split(str(folder))
+    folder = copy_split(shards, 'train', tmp_path / 'train')
+    edit_index(folder, lambda index: index.update(label_size='18x18'))
+    with pytest.raises(DataError, match=r'field label_size must be two positive whole numbers'):
+        find_shard_split(str(folder))
+    edit_index(folder, lambda index: index.update(label_size=None, class_names='abc'))
+    with pytest.raises(DataError, match=r'field class_names must be a list of strings'):
+        find_shard_split(str(folder))
+
+
+def test_a_damaged_header_without_an_index_is_an_error_not_a_smaller_set(shapes, shards, tmp_path, caplog):
+    run = train_script.main([shapes, *FAST, '--epochs', '1', '--output', str(tmp_path / 'out')])
+    folder = copy_split(shards, 'val', tmp_path / 'val')
+    os.remove(folder / 'index.json')
+    results = tmp_path / 'results.json'
+    [row] = validate_script.main([str(tmp_path), '--dataset', 'wds', '--checkpoint', os.path.join(run, 'last.pth.tar'),
+                                  '-j', '0', '--num-classes', '3', '--results-file', str(results)])
+    assert row['num_images'] == 12 and json.load(open(results))['num_images'] == 12
+    assert 'on 12 images' in caplog.text
+    with tarfile.open(folder / 'val-000001.tar') as tar:
+        offset = tar.getmembers()[6].offset
+    with open(folder / 'val-000001.tar', 'r+b') as f:
+        f.seek(offset)
+        f.write(b'\xff' * 512)  # tarfile stops here without an error
+    with pytest.raises(DataError, match=r'val-000001\.tar ends after 2 samples at byte \d+ without tar\'s '
+                                        r'end-of-archive blocks'):
+        validate_script.main([str(tmp_path), '--dataset', 'wds', '--checkpoint', os.path.join(run, 'last.pth.tar'),
+                              '-j', '0', '--num-classes', '3'])
+
+
+def test_make_shards_rewrites_what_a_changed_plan_changes(shapes, tmp_path):
+    from PIL import Image
+    data = tmp_path / 'data'
+    shutil.copytree(shapes, data, ignore=shutil.ignore_patterns('labels'))
+    victim = sorted((data / 'train').rglob('*.png'))[0]
+    Image.open(victim).convert('RGB').save(victim, compress_level=0)  # uncompressed: its size is fixed by its dims
+    size = victim.stat().st_size
+    out = tmp_path / 'shards'
+    make_shards(str(data), str(out), None, shard_size=5, seed=0)
+    train = out / 'train'
+
+    def stored(folder):
+        return {s['path.txt'].decode(): (os.path.basename(s['__url__']), s['png'])
+                for s in wds.WebDataset(sorted(glob.glob(str(folder / '*.tar'))), shardshuffle=False)}
+
+    before, times = stored(train), {p.name: p.stat().st_mtime_ns for p in train.glob('*.tar')}
+    relative = os.path.relpath(victim, data / 'train')
+    image = Image.open(victim).convert('RGB')
+    image.putpixel((0, 0), tuple(255 - c for c in image.getpixel((0, 0))))
+    image.save(victim, compress_level=0)  # other pixels, the same number of bytes
+    assert victim.stat().st_size == size and victim.read_bytes() != before[relative][1]
+    make_shards(str(data), str(out), None, shard_size=5, seed=0)
+    after = stored(train)
+    assert after[relative][1] == victim.read_bytes()  # the new pixels, not the old ones
+    rewritten = {p.name for p in train.glob('*.tar') if p.stat().st_mtime_ns != times[p.name]}
+    assert rewritten == {before[relative][0]}  # only the shard that holds it
+
+    make_shards(str(data), str(out), None, shard_size=5, seed=1)
+    reseeded = stored(train)
+    assert json.load(open(train / 'index.json'))['seed'] == 1
+    assert sorted(reseeded) == sorted(after) and [k for k in reseeded] != [k for k in after]  # another order
+    order = [s['path.txt'].decode() for s in wds.WebDataset(sorted(glob.glob(str(train / '*.tar'))),
+                                                            shardshuffle=False)]
+    fresh = tmp_path / 'fresh'
+    make_shards(str(data), str(fresh), None, shard_size=5, seed=1)
+    assert md5s(train) == md5s(fresh / 'train')  # the same bytes as a first run with that seed
+    assert order == [s['path.txt'].decode() for s in wds.WebDataset(sorted(glob.glob(str(fresh / 'train' / '*.tar'))),
+                                                                    shardshuffle=False)]

@@ -16,6 +16,7 @@ name until complete), and index.json comes last. Images without a label file are
 lists them, before anything is written.
 """
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +29,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from data.dataset import DataError, describe_collisions, label_path, label_path_collisions, load_label_map
 from data.shards import INDEX_FORMAT, INDEX_NAME, LABEL_FIELD, PATH_FIELD
+from engine import DiskFullError, write_atomically
+from engine.files import write_staged
 from utils.log import setup_logging
 
 _logger = logging.getLogger('make_shards')
 SPLITS = ('train', 'val', 'validation')
 PARTIAL = '.partial'
+PLAN_SUFFIX = '.plan'  # beside each shard: the digest of the plan it was written from
+PLAN_VERSION = 1
 
 
 def find_splits(root):
@@ -95,33 +100,54 @@ def expected_members(chunk):
     return out
 
 
-def shard_is_complete(path, chunk):
+def plan_digest(chunk, seed):
+    """What a shard must hold, as a hash: the seed and, for each sample, its key, path, class and
+    the identity (size and modification time) of its image and label file. A shard whose recorded
+    digest differs is written again, so that changed images (even of the same size), another
+    --seed or other label files never leave stale shards behind."""
+    digest = hashlib.sha256(f'{PLAN_VERSION}:{seed}'.encode())
+    for sample in chunk:
+        identity = [sample['key'], sample['rel'], sample['cls']]
+        for path in (sample['path'], sample['label']):
+            if path is not None:
+                stat = os.stat(path)
+                identity += [path, stat.st_size, stat.st_mtime_ns]
+        digest.update(json.dumps(identity).encode())
+    return digest.hexdigest()
+
+
+def shard_is_complete(path, chunk, digest):
+    """The shard exists with the members the plan gives it, and its recorded plan is this one."""
     try:
+        with open(path + PLAN_SUFFIX) as f:
+            if f.read().strip() != digest:
+                return False
         with tarfile.open(path, 'r:') as tar:
             return [(m.name, m.size) for m in tar] == expected_members(chunk)
     except (OSError, tarfile.TarError):
         return False
 
 
-def write_shard(path, chunk, label_size):
+def write_shard(path, chunk, label_size, digest):
     """The shard under a temporary name, renamed when complete; returns the label size found.
     Label maps are checked (shape, size, finite, whole class indices); their class indices are
     checked against the model's class count when training reads them (a teacher's classes may
     outnumber the folders)."""
-    staging = path + PARTIAL
-    with open(staging, 'wb') as f:
+    found = [label_size]
+
+    def write(f):
         writer = wds.TarWriter(f, encoder=False, mtime=0, user='', group='', mode=0o444)
         for sample in chunk:
             fields = members(sample)
             if LABEL_FIELD in fields:  # a damaged label file is found now, not in the middle of training
-                label = load_label_map(sample['label'], None, label_size, data=fields[LABEL_FIELD])
-                label_size = label_size or tuple(label.shape[2:])
+                label = load_label_map(sample['label'], None, found[0], data=fields[LABEL_FIELD])
+                found[0] = found[0] or tuple(label.shape[2:])
             writer.write({'__key__': sample['key'], **fields})
         writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
-    return label_size
+
+    os.replace(write_staged(path, write, kept='the complete shards are kept (run again to continue)'), path)
+    write_atomically(path + PLAN_SUFFIX, digest.encode())  # after the shard: its presence means complete
+    return found[0]
 
 
 def make_split(plan, root, split, output, class_names, label_root, shard_size, seed):
@@ -129,17 +155,18 @@ def make_split(plan, root, split, output, class_names, label_root, shard_size, s
     os.makedirs(out_dir, exist_ok=True)
     chunks = [plan[i:i + shard_size] for i in range(0, len(plan), shard_size)]
     names = [f'{split}-{i:06d}.tar' for i in range(len(chunks))]
-    for stale in sorted(set(os.listdir(out_dir)) - set(names) - {INDEX_NAME}):
-        if stale.endswith(('.tar', PARTIAL)):
+    for stale in sorted(set(os.listdir(out_dir)) - set(names) - {n + PLAN_SUFFIX for n in names} - {INDEX_NAME}):
+        if stale.endswith(('.tar', PARTIAL, PLAN_SUFFIX)):
             _logger.info('removing %s: not a shard of this plan', os.path.join(out_dir, stale))
             os.remove(os.path.join(out_dir, stale))
     label_size, kept = None, 0
-    for name, chunk in zip(names, chunks):
+    digests = [plan_digest(chunk, seed) for chunk in chunks]
+    for name, chunk, digest in zip(names, chunks, digests):
         path = os.path.join(out_dir, name)
-        if shard_is_complete(path, chunk):
+        if shard_is_complete(path, chunk, digest):
             kept += 1
             continue
-        label_size = write_shard(path, chunk, label_size)
+        label_size = write_shard(path, chunk, label_size, digest)
         _logger.info('%s: %d samples', path, len(chunk))
     if label_root and label_size is None:  # every shard was kept: the size comes from the first map
         first = plan[0]['label']
@@ -150,11 +177,8 @@ def make_split(plan, root, split, output, class_names, label_root, shard_size, s
                  num_samples=len(plan), num_classes=len(class_names), class_names=list(class_names),
                  label_size=list(label_size) if label_size else None,
                  token_label_data=os.path.abspath(label_root) if label_root else None, seed=seed,
-                 shard_size=shard_size, shards=[dict(name=n, num_samples=len(c)) for n, c in zip(names, chunks)])
-    staging = os.path.join(out_dir, INDEX_NAME + PARTIAL)
-    with open(staging, 'w') as f:
-        json.dump(index, f, indent=1)
-    os.replace(staging, os.path.join(out_dir, INDEX_NAME))
+                 shard_size=shard_size, shards=[dict(name=n, num_samples=len(c), plan=d) for n, c, d in zip(names, chunks, digests)])
+    write_atomically(os.path.join(out_dir, INDEX_NAME), json.dumps(index, indent=1).encode())
     _logger.info('%s: %d samples in %d shards', out_dir, len(plan), len(names))
     return index
 
@@ -185,7 +209,7 @@ def main(argv=None):
     setup_logging()
     try:
         make_shards(args.data, args.output, args.token_label_data or None, args.shard_size, args.seed)
-    except DataError as e:
+    except (DataError, DiskFullError) as e:
         _logger.error('%s', e)
         return 2
     return 0

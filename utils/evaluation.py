@@ -17,7 +17,8 @@ def is_distributed():
 
 def evaluate(model, loader, autocast=nullcontext, channels_last=False, log_interval=50, log_suffix='',
              progress=None):
-    """OrderedDict(loss, top1, top5) in percent over the whole loader (all ranks), plus images/s."""
+    """OrderedDict(loss, top1, top5) in percent over the whole loader (all ranks), plus the number
+    of images scored (unreadable ones are not) and images/s."""
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
@@ -48,5 +49,6 @@ def evaluate(model, loader, autocast=nullcontext, channels_last=False, log_inter
     metrics = OrderedDict(loss=loss_sum / count, top1=100. * top1 / count, top5=100. * top5 / count)
     _logger.info('Test%s: loss %.4f  top1 %.3f  top5 %.3f  (%d images, %.1f img/s)', log_suffix,
                  metrics['loss'], metrics['top1'], metrics['top5'], int(count), count / elapsed)
+    metrics['num_images'] = int(count)
     metrics['images_per_s'] = count / elapsed
     return metrics
