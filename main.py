@@ -28,9 +28,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV2, distribute_bn
 
 import models  # noqa: F401  (registers this repo's models with timm)
+from models import check_img_size
 from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
-from engine import (RunDirectory, add_training_options, check_finite_loss, extends_run, find_resume, optimizer_step,
-                    parse_with_config, resolved_later, run_trainer, setup_runtime)
+from engine import (RunDirectory, add_training_options, check_finite_loss, explain_out_of_memory, extends_run,
+                    find_resume, optimizer_step, parse_with_config, resolved_later, run_trainer, setup_runtime)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
 from utils import load_pretrained_weights, resume_checkpoint
@@ -175,6 +176,10 @@ def build_model(args):
                   drop_path_rate=args.drop_path)
     if args.img_size is not None or args.input_size is not None:
         kwargs['img_size'] = args.img_size or args.input_size[-1]
+        try:
+            check_img_size(kwargs['img_size'], '--img-size')
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         try:
             model = timm.create_model(args.model, **kwargs)
@@ -314,11 +319,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, runtime, tok
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        with runtime.amp.autocast():
-            output = model(images)
-            loss = loss_fn(output, target)
-        check_finite_loss(loss, runtime, f'epoch {epoch}, step {batch_idx}')
-        optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad, args.clip_mode)
+        with explain_out_of_memory(f'epoch {epoch}, step {batch_idx}', '-b, --img-size (or use --amp)'):
+            with runtime.amp.autocast():
+                output = model(images)
+                loss = loss_fn(output, target)
+            check_finite_loss(loss, runtime, f'epoch {epoch}, step {batch_idx}')
+            optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad, args.clip_mode)
         if model_ema is not None:
             model_ema.update(model)
 
@@ -479,6 +485,7 @@ def main(argv=None):
                 metrics = evaluate(model_ema.module, loader_eval, runtime.amp.autocast, args.channels_last,
                                    args.log_interval, log_suffix=' (EMA)')
             metrics.pop('images_per_s')
+            metrics.pop('num_images')  # said in the log line; summary.csv keeps its columns
             return metrics
 
         eval_metrics = run.evaluate(epoch, evaluate_epoch, dict(row, lr=lr, epoch_time=round(

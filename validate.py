@@ -15,6 +15,7 @@ sorted by top-1 is written; a run directory also gets validate.log.
 """
 import argparse
 import glob
+import json
 import logging
 import os
 from functools import partial
@@ -26,10 +27,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import models  # noqa: F401  (registers this repo's models with timm)
-from models import numerics_kwargs
+from models import check_file_settings, check_img_size, numerics_kwargs
 from data import DataError, open_split
-from engine import (add_amp_options, add_device_options, check_results_file, resolve_amp, select_device,
-                    settings_from_training, write_results)
+from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, resolve_amp,
+                    select_device, settings_from_training, write_results)
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_checkpoint
 from utils.cli import PartialFailure, UsageError, run_cli
 from utils.config import dataset_type, positive_int
@@ -80,18 +81,40 @@ def checkpoints_in(path):
     return files
 
 
-def resolve_settings(args, train_args, head_classes, source):
-    """model, img_size, num_classes and crop_pct: the command line's, else the checkpoint's
-    training arguments (and head size), else the defaults. Says where each came from."""
-    trained = dict(train_args or {})
-    if trained.get('img_size') is None and trained.get('input_size'):
-        trained['img_size'] = trained['input_size'][-1]
+def file_settings(train_args, head_classes):
+    """What a checkpoint states about its model: the training arguments, the class count its head
+    has."""
+    stated = dict(train_args or {})
+    if stated.get('img_size') is None and stated.get('input_size'):
+        stated['img_size'] = stated['input_size'][-1]
     if head_classes is not None:
-        if args.num_classes is not None and args.num_classes != head_classes:
-            raise CheckpointError(f'{source} has a {head_classes}-class head but --num-classes is {args.num_classes}')
-        trained['num_classes'] = head_classes
+        stated['num_classes'] = head_classes
+    return stated
+
+
+def resolve_settings(args, stated, head_classes, source):
+    """model, img_size, num_classes and crop_pct: the command line's, else the checkpoint's
+    (`stated`: file_settings), else the defaults. Says where each came from."""
+    if head_classes is not None and args.num_classes is not None and args.num_classes != head_classes:
+        raise CheckpointError(f'{source} has a {head_classes}-class head but --num-classes is {args.num_classes}')
     given = {name: getattr(args, name) for name in ('model', 'img_size', 'num_classes', 'crop_pct')}
-    return settings_from_training(given, trained, source, defaults=dict(model='volo_d1'))
+    return settings_from_training(given, stated, source, defaults=dict(model='volo_d1'))
+
+
+def check_hub_folder(folder):
+    """A Hugging Face Hub folder given as --model local-dir:FOLDER: its config.json is read here
+    first, so that a damaged one is named (timm's reader raises without the file's name)."""
+    path = os.path.join(folder, 'config.json')
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f'--model local-dir:{folder}: {path} does not exist') from None
+    except (OSError, ValueError, RecursionError) as e:
+        reason = 'nested too deeply' if isinstance(e, RecursionError) else e
+        raise CheckpointError(f'{path} is not a readable JSON model config: {reason}') from None
+    if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
+        raise CheckpointError(f'{path}: expected an object naming its "architecture"')
 
 
 def model_classes(args, source, contents):
@@ -113,16 +136,32 @@ def validate_one(args, checkpoint, source, device):
     if head_classes is not None and len(class_names) > head_classes:
         raise CheckpointError(f'{checkpoint or args.model} has a {head_classes}-class head, but {classes_from} '
                               f'lists {len(class_names)} classes')
-    settings = resolve_settings(args, train_args, head_classes, checkpoint or '--pretrained')
+    stated = file_settings(train_args, head_classes)
+    settings = resolve_settings(args, stated, head_classes, checkpoint or '--pretrained')
+    if args.img_size is not None:
+        try:
+            check_img_size(args.img_size, '--img-size')
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     kwargs = {k: settings[k] for k in ('num_classes', 'img_size') if settings[k] is not None}
+    numerics = {}
     if contents is not None and contents.numerics:
         try:
-            kwargs.update(numerics_kwargs(settings['model'], contents.numerics))
+            numerics = numerics_kwargs(settings['model'], contents.numerics)
         except ValueError as e:
             raise CheckpointError(f'{contents.path}: {e}') from None
         _logger.info('%s holds %s weights: the model is built with their numerics (%s)', contents.path,
-                     contents.numerics, ', '.join(f'{k}={getattr(v, "keywords", v)}' for k, v in
-                                                  numerics_kwargs(settings['model'], contents.numerics).items()))
+                     contents.numerics, ', '.join(f'{k}={getattr(v, "keywords", v)}' for k, v in numerics.items()))
+        kwargs.update(numerics)
+    hub_model = args.model is not None and args.model.startswith(('local-dir:', 'hf-hub:'))
+    if contents is not None and not hub_model:  # the file's claims against its own tensors, before any model
+        try:
+            check_file_settings(settings['model'], contents.state_dict, contents.path, **numerics,
+                                **{k: stated[k] for k in ('img_size', 'num_classes') if stated.get(k) is not None})
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    if settings['model'].startswith('local-dir:'):
+        check_hub_folder(settings['model'][len('local-dir:'):])
     try:
         model = timm.create_model(settings['model'], pretrained=args.pretrained and not checkpoint, **kwargs)
     except RuntimeError as e:
@@ -147,7 +186,8 @@ def validate_one(args, checkpoint, source, device):
         metrics = evaluate(model, loader, resolve_amp(args, device, training=False).autocast, args.channels_last,
                            log_interval=0, progress=progress)
     return dict(model=settings['model'], checkpoint=checkpoint, top1=round(metrics['top1'], 4),
-                top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6), img_size=data_config['input_size'][-1],
+                top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6), num_images=metrics['num_images'],
+                img_size=data_config['input_size'][-1],
                 crop_pct=data_config['crop_pct'], param_count=sum(p.numel() for p in model.parameters()),
                 images_per_s=round(metrics['images_per_s'], 2))
 
@@ -192,7 +232,8 @@ def main(argv=None):
             save_rows(args.results_file, rows)
     for r in rows:
         _logger.info(f"{r['checkpoint'] or r['model']}: top1 {r['top1']:.3f}  top5 {r['top5']:.3f}  loss {r['loss']:.4f}  "
-              f"({r['img_size']} px, crop {r['crop_pct']}, {r['param_count']:,} params, {r['images_per_s']:.1f} img/s)")
+                     f"on {r['num_images']} images ({r['img_size']} px, crop {r['crop_pct']}, {r['param_count']:,} "
+                     f"params, {r['images_per_s']:.1f} img/s)")
     for ckpt, reason in failed:
         _logger.error('not evaluated: %s (%s)', ckpt, reason)
     if failed:
@@ -201,7 +242,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    run_cli(main, argv, (UsageError, DataError, CheckpointError), _logger)
+    run_cli(main, argv, (UsageError, DataError, CheckpointError, DiskFullError), _logger)
 
 
 if __name__ == '__main__':

@@ -16,9 +16,10 @@ from timm.utils import get_outdir
 from utils.checkpoint import CheckpointError, resolve_checkpoint_path, safe_load, training_step
 from utils.cli import NonFiniteLoss, UsageError, run_cli
 from utils.log import log_to_file
-from .checkpoint_saver import PARTIAL, CheckpointSaver, DiskFullError, write_atomically
+from .checkpoint_saver import CheckpointSaver
+from .files import PARTIAL, DiskFullError, write_atomically
 from .options import option_defaults, renamed_options, resolved_options, run_extending
-from .runs import ResumeError, RunLock, find_resume_checkpoint, promote
+from .runs import ResumeError, RunLock, find_resume_checkpoint, promote, remove_abandoned_partials
 from .summary import truncate_summary, write_summary
 from .tracking import Tracker, check_tracking
 
@@ -85,6 +86,7 @@ class RunDirectory:
         log_to_file(os.path.join(self.path, 'train.log'))
         for stale in glob.glob(os.path.join(self.path, '*' + PARTIAL)):  # complete ones were promoted on resume
             os.remove(stale)
+        remove_abandoned_partials(args.output, kind)
         self.saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**vars(args)),
                                      checkpoint_dir=self.path, model_ema=model_ema, amp_scaler=runtime.amp.loss_scaler,
                                      decreasing=decreasing, max_history=max_history, extra=extra,

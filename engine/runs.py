@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import yaml
 
 from utils.checkpoint import CheckpointError, safe_load, training_step
-from .checkpoint_saver import PARTIAL
+from .files import PARTIAL
 
 _logger = logging.getLogger(__name__)
 
@@ -128,6 +128,30 @@ def find_resume_checkpoint(output_root, current_args: dict, kind='train', extend
                           f'the runs with checkpoints differ:\n{listing}\nPass --resume FILE to continue one of '
                           f'them anyway, or another --output to start fresh.')
     return None
+
+
+def remove_abandoned_partials(output_root, kind):
+    """Temporary files of runs under output_root/<kind>/ that no process is writing (their lock can
+    be taken): a run killed before its first complete checkpoint is never resumed, so its partial
+    file would otherwise stay forever. Returns the files removed."""
+    removed = []
+    for run_dir in glob.glob(os.path.join(output_root, kind, '*')):
+        stale = glob.glob(os.path.join(run_dir, '*' + PARTIAL))
+        if not stale:
+            continue
+        try:
+            lock = RunLock(run_dir)
+        except ResumeError:
+            continue  # being written now
+        try:
+            for path in stale:
+                os.remove(path)
+                removed.append(path)
+        finally:
+            lock.release()
+    if removed:
+        _logger.info('removed %d temporary file(s) of interrupted runs: %s', len(removed), ', '.join(removed[:3]))
+    return removed
 
 
 class RunLock:

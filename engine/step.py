@@ -1,11 +1,14 @@
-"""The optimizer step and the loss check every trainer shares."""
+"""The optimizer step, the loss check and the out-of-memory message every trainer shares."""
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from timm.utils import dispatch_clip_grad
 
-from utils.cli import NonFiniteLoss
+from utils.cli import NonFiniteLoss, UsageError
+
+OUT_OF_MEMORY = ('out of memory', "can't allocate memory", 'not enough memory')
 
 
 def check_finite_loss(loss, runtime, where):
@@ -44,3 +47,21 @@ def optimizer_step(loss, optimizer, parameters, amp, clip_grad=None, clip_mode='
     if clip_grad is not None:
         dispatch_clip_grad(parameters, value=clip_grad, mode=clip_mode)
     optimizer.step()
+
+
+def is_out_of_memory(error):
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(marker in str(error) for marker in OUT_OF_MEMORY))
+
+
+@contextmanager
+def explain_out_of_memory(where, options):
+    """An out-of-memory error inside (a training step at `where`) becomes one line naming the
+    `options` to lower, instead of an allocator traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f'out of memory at {where} ({first_line}): lower {options}') from None

@@ -1,9 +1,15 @@
 """Model families of this repository; importing registers their factories with timm."""
+import timm
+import torch
+
 from . import visformer as _visformer, volo as _volo
 from .volo import VOLO, volo_d1, volo_d2, volo_d3, volo_d4, volo_d5
 from .visformer import Visformer, visformer_small, visformer_small_v2, visformer_tiny, visformer_tiny_v2
 
 NUMERICS = ('mindcv',)
+# the largest input side the families are built for here (release files go up to 512, segmentation
+# crops to 1024): a file or option asking for more is refused before anything is allocated
+MAX_IMG_SIZE = 4096
 MINDCV_MODELS = tuple(_volo.VARIANTS) + tuple(_visformer.VARIANTS)  # the families MindCV also has
 
 
@@ -19,3 +25,35 @@ def numerics_kwargs(model_name: str, numerics=None) -> dict:
         if model_name in family.VARIANTS:
             return dict(family.MINDCV_NUMERICS)
     raise ValueError(f'{model_name} has no MindCV counterpart (VOLO and Visformer do)')
+
+
+def check_img_size(img_size, what):
+    """`img_size` (an int or (H, W)) within 1..MAX_IMG_SIZE, else ValueError naming `what`."""
+    sides = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,)
+    if not all(isinstance(side, int) and not isinstance(side, bool) and 0 < side <= MAX_IMG_SIZE for side in sides):
+        raise ValueError(f'{what} {img_size}: the models are built for sizes of 1 to {MAX_IMG_SIZE} pixels')
+
+
+def check_file_settings(model_name, state_dict, source, **settings):
+    """Before a model is built from the settings a file states about itself (image size, class
+    count, ...): the tensors whose shapes those settings decide (pos_embed's grid follows the image
+    size, the heads' rows the class count) must have those shapes in the file, checked on models
+    built on the meta device (no memory), and the image size must be one the families are built
+    for. ValueError names the file, the setting and the first tensor that disagrees."""
+    if settings.get('img_size') is not None:
+        check_img_size(settings['img_size'], f'{source}: img_size')
+    if not timm.is_model(model_name):
+        raise ValueError(f'{source}: model {model_name!r} is not a model name of this repository or timm\'s registry')
+    stated = {k: settings[k] for k in ('img_size', 'num_classes') if k in settings}
+    with torch.device('meta'):
+        expected = timm.create_model(model_name, **settings).state_dict()
+        default = timm.create_model(model_name, **{k: v for k, v in settings.items() if k not in stated}).state_dict()
+    for key, tensor in state_dict.items():
+        if key not in expected or key not in default or expected[key].shape == default[key].shape:
+            continue  # a tensor whose shape the stated settings do not decide
+        want, base = tuple(expected[key].shape), tuple(default[key].shape)
+        decided = [i for i in range(len(want)) if i >= len(base) or want[i] != base[i]]
+        if tensor.ndim != len(want) or any(tensor.shape[i] != want[i] for i in decided):
+            raise ValueError(f'{source}: {key} has the shape {list(tensor.shape)}, but {model_name} with the '
+                             f'settings the file states ({", ".join(f"{k}={v}" for k, v in stated.items())}) has '
+                             f'{list(want)}: the file\'s settings do not belong to its weights')

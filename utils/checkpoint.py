@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from .mindspore_ckpt import MindSporeCheckpointError, looks_like_mindspore_checkpoint, read_mindcv_checkpoint
+from .mindspore_ckpt import (MAX_TENSOR_DIMS, MindSporeCheckpointError, looks_like_mindspore_checkpoint,
+                             read_mindcv_checkpoint)
 
 _logger = logging.getLogger(__name__)
 
@@ -96,13 +97,48 @@ def load_mindspore(path: str) -> dict:
     return checkpoint
 
 
-def looks_like_safetensors(path: str) -> bool:
-    """safetensors' layout: an 8-byte little-endian header length, then a JSON header."""
+def safetensors_header(path: str) -> Optional[int]:
+    """The header length a file claims when it has safetensors' layout (an 8-byte little-endian
+    header length, then a JSON header), else None."""
     with open(path, 'rb') as f:
         head = f.read(9)
     if len(head) < 9 or head[8:9] != b'{':
-        return False
-    return 0 < int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8
+        return None
+    return int.from_bytes(head[:8], 'little')
+
+
+def looks_like_safetensors(path: str) -> bool:
+    claimed = safetensors_header(path)
+    return claimed is not None and 0 < claimed <= os.path.getsize(path) - 8
+
+
+def _metadata_value(path, metadata, key, parse, expected):
+    """A metadata field parsed with `parse`, or a CheckpointError naming the file and the field."""
+    try:
+        return parse(metadata[key])
+    except (ValueError, TypeError, RecursionError):
+        raise CheckpointError(f'{path}: metadata field {key} must be {expected}, found {metadata[key][:80]!r}') from None
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _class_names(text):
+    names = json.loads(text)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(text)
+    return names
+
+
+def _model_name(text):
+    """A name in timm's registry (this repository's or timm's own), never a path or a hub source."""
+    if not text or any(c in text for c in ':/\\') or text.strip() != text:
+        raise ValueError(text)
+    return text
 
 
 def load_safetensors(path: str) -> dict:
@@ -112,18 +148,25 @@ def load_safetensors(path: str) -> dict:
     try:
         with safe_open(path, framework='pt') as f:
             metadata = f.metadata() or {}
+            deep = next((k for k in f.keys() if len(f.get_slice(k).get_shape()) > MAX_TENSOR_DIMS), None)
+            if deep is not None:
+                raise CheckpointError(f'{path}: tensor {deep} has {len(f.get_slice(deep).get_shape())} dimensions; '
+                                      f'network weights have at most {MAX_TENSOR_DIMS}')
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f'cannot read {path} as safetensors: {e}') from None
     checkpoint = {'state_dict': state_dict}
-    args = {k: metadata[k] for k in ('model',) if k in metadata}
-    for key in ('img_size', 'num_classes'):
-        if metadata.get(key, '').isdigit():
-            args[key] = int(metadata[key])
+    args = {}
+    for key, parse, expected in (('model', _model_name, "a model name of this repository or timm's registry"),
+                                 ('img_size', _positive_int, 'a positive whole number'),
+                                 ('num_classes', _positive_int, 'a positive whole number')):
+        if key in metadata:
+            args[key] = _metadata_value(path, metadata, key, parse, expected)
     if args:
         checkpoint['args'] = argparse.Namespace(**args)
     if metadata.get('class_names'):
-        checkpoint['class_names'] = json.loads(metadata['class_names'])
+        checkpoint['class_names'] = _metadata_value(path, metadata, 'class_names', _class_names,
+                                                    'a JSON list of class names')
     if metadata.get('numerics'):
         checkpoint['numerics'] = metadata['numerics']
     return checkpoint
@@ -136,6 +179,10 @@ def safe_load(path: str):
     path = resolve_checkpoint_path(path)
     if looks_like_safetensors(path):
         return load_safetensors(path)
+    claimed = safetensors_header(path)
+    if claimed is not None and claimed > os.path.getsize(path) - 8:
+        raise CheckpointError(f'{path}: its safetensors header claims {claimed} bytes, more than the whole file '
+                              f'({os.path.getsize(path)} bytes): the file is truncated or damaged')
     if path.endswith('.safetensors'):
         raise CheckpointError(f'{path} is named .safetensors but is not a safetensors file (it looks like '
                               f'{describe_non_checkpoint(path) or "a pickled PyTorch checkpoint"}); nothing in it '
@@ -283,7 +330,9 @@ def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, 
             raise CheckpointError(
                 f'{path} looks like {file_kind}, but the model is {model_kind}; first differences: '
                 + '; '.join(details))
-        raise CheckpointError(f'{path} does not fit the {model_kind or type(model).__name__} ({len(mismatched)} '
+        model_name = model_kind if model_kind in getattr(sys.modules.get(type(model).__module__), 'VARIANTS', ()) \
+            else f'{type(model).__name__} model' + (f' ({model_kind})' if model_kind else '')
+        raise CheckpointError(f'{path} does not fit the {model_name} ({len(mismatched)} '
                               f'tensors of other shapes, {len(missing)} missing, {len(unexpected)} unexpected): '
                               + '; '.join(details))
     if head_keys:

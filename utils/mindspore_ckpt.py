@@ -25,6 +25,8 @@ import torch
 _logger = logging.getLogger(__name__)
 
 CRC_MARK = b'crc_num'
+# more dimensions than any network weight has: a record claiming them is damaged or crafted
+MAX_TENSOR_DIMS = 8
 CRC_TRAILER = len(CRC_MARK) + 10
 
 # MindSpore type names -> (numpy dtype, torch dtype); bfloat16 goes through int16 bits
@@ -144,6 +146,10 @@ def read_mindspore_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         if any(r[0] != dims or r[1] != type_name for r in records[1:]):
             raise MindSporeCheckpointError(f'{path}: the records of the split parameter {name} disagree on '
                                            f'shape or type')
+        if len(dims) > MAX_TENSOR_DIMS or any(d < 0 for d in dims):
+            raise MindSporeCheckpointError(f'{path}: {name} claims the shape {list(dims)[:MAX_TENSOR_DIMS + 1]}'
+                                           f'{" ..." if len(dims) > MAX_TENSOR_DIMS + 1 else ""}: at most '
+                                           f'{MAX_TENSOR_DIMS} dimensions of size >= 0 are possible')
         np_dtype, torch_dtype = TENSOR_TYPES[type_name]
         content = b''.join(r[2] for r in records)
         count = math.prod(dims)
