@@ -494,11 +494,7 @@ def main(argv=None):
         row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
         row.update(lr=lr, epoch_time=round(time.perf_counter() - epoch_start, 3))
         run.save(epoch, row, metric=eval_metrics[args.eval_metric])
-    best_metric, best_epoch = run.best
-    if best_metric is not None:
-        _logger.info('*** Best metric: %s (epoch %s)', best_metric, best_epoch)
-    run.close()
-    return run.path
+    return run.close(args.eval_metric)
 
 
 def cli(argv=None):

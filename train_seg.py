@@ -28,7 +28,8 @@ from tqdm import tqdm
 from data import (DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, SegTrainTransform, build_seg_dataset,
                   seg_dataset_kind, seg_dataset_type)
 from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, explain_out_of_memory,
-                    extends_run, find_resume, optimizer_step, parse_with_config, run_trainer, setup_runtime, write_atomically)
+                    extends_run, find_resume, optimizer_step, parse_with_config, run_trainer, setup_runtime,
+                    write_atomically)
 from loss import SegmentationLoss
 from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
@@ -301,10 +302,9 @@ def main(argv=None):
         progress.close()
     best, best_iter = run.best
     if best is not None:
-        _logger.info('*** Best mIoU: %.2f (iteration %d)', best, best_iter)
-        write_atomically(os.path.join(run.path, 'best.json'), json.dumps({'mIoU': best, 'iteration': best_iter}).encode())
-    run.close()
-    return run.path
+        write_atomically(os.path.join(run.path, 'best.json'),
+                         json.dumps({'mIoU': best, 'iteration': best_iter}).encode())
+    return run.close('mIoU')
 
 
 def cli(argv=None):

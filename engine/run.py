@@ -136,13 +136,18 @@ class RunDirectory:
                               os.path.join(self.path, 'last.pth.tar'))
             raise
 
-    def close(self):
-        """The end of training: trackers closed, the process group (when there is one) left."""
+    def close(self, metric_name='metric'):
+        """The end of training: the best `metric_name` said, trackers closed, the process group
+        (when there is one) left; returns the run directory."""
+        best, step = self.best
+        if best is not None:
+            _logger.info('*** Best %s: %s (%s %s)', metric_name, best, self.step_name, step)
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        return self.path
 
 
 def run_trainer(main, argv, logger, errors=()):

@@ -10,18 +10,11 @@ import pytest
 import torch
 
 import main as train_script
-import train_seg
 import validate
 import validate_seg
-from data.synthetic_seg import make_seg_dataset
 from engine import CheckpointSaver, DiskFullError, save_image, write_atomically
 from engine.summary import read_summary, write_summary
-from tests.training_runs import run_fast
 from utils.cli import UsageError
-
-SEG_FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
-            '--log-interval', '1', '--head-channels', '32', '--aux-channels', '16', '--drop-path', '0']
-
 
 def mount(path, options):
     done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True, text=True)
@@ -57,14 +50,10 @@ def leftovers(fs):
                   if p.endswith('.partial') or os.path.getsize(p) == 0)
 
 
-@pytest.fixture(scope='module')
-def seg_run(tmp_path_factory):
-    """A segmentation run of 2 iterations and its dataset."""
-    root = tmp_path_factory.mktemp('seg')
-    data = make_seg_dataset(str(root / 'data'), 'seg-folder', num_classes=4, train=4, val=2, size=(48, 48))
-    run = train_seg.main([data, '--dataset', 'seg-folder', *SEG_FAST, '--iters', '2', '--eval-interval', '0',
-                          '--output', str(root / 'out')])
-    return data, run
+@pytest.fixture
+def seg_run(tmp_path):
+    """Data and checkpoint paths that are never read: the output checks come before any work."""
+    return str(tmp_path / 'no-data'), str(tmp_path / 'no-checkpoint.pth.tar')
 
 
 def test_a_real_full_disk_is_said_and_the_earlier_checkpoint_kept(small_fs):
@@ -123,7 +112,7 @@ def test_outputs_on_a_full_disk_are_refused_before_evaluating(seg_run, shapes, s
 def test_outputs_on_a_read_only_filesystem_are_refused_before_evaluating(seg_run, shapes, small_fs, tmp_path,
                                                                           caplog):
     data, run = seg_run
-    classifier = run_fast(shapes, tmp_path / 'cls', '--epochs', '1')
+    classifier = str(tmp_path / 'no-classifier.pth.tar')
     subprocess.run(['mount', '-o', 'remount,ro', str(small_fs)], check=True)
     caplog.clear()
     caplog.set_level(logging.INFO)
@@ -139,7 +128,8 @@ def test_a_file_where_a_folder_is_expected_and_the_reverse(seg_run, tmp_path):
     data, run = seg_run
     a_file = tmp_path / 'taken'
     a_file.write_text('x')
-    with pytest.raises(UsageError, match=r'--save-predictions .*taken: cannot write there \(it is a file, not a folder'):
+    with pytest.raises(UsageError, match=r'--save-predictions .*taken: cannot write there \(it is a file, not a '
+                                         r'folder'):
         validate_seg.main([data, '--checkpoint', run, '-j', '0', '--save-predictions', str(a_file)])
     with pytest.raises(UsageError, match=r'--save-overlays .*: cannot write there \(a file stands where a folder'):
         validate_seg.main([data, '--checkpoint', run, '-j', '0', '--save-overlays', str(a_file / 'below')])

@@ -117,7 +117,8 @@ def _metadata_value(path, metadata, key, parse, expected):
     try:
         return parse(metadata[key])
     except (ValueError, TypeError, RecursionError):
-        raise CheckpointError(f'{path}: metadata field {key} must be {expected}, found {metadata[key][:80]!r}') from None
+        raise CheckpointError(f'{path}: metadata field {key} must be {expected}, '
+                              f'found {metadata[key][:80]!r}') from None
 
 
 def _positive_int(text):
