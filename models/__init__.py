@@ -1,4 +1,6 @@
 """Model families of this repository; importing registers their factories with timm."""
+import functools
+
 import timm
 import torch
 
@@ -34,6 +36,13 @@ def check_img_size(img_size, what):
         raise ValueError(f'{what} {img_size}: the models are built for sizes of 1 to {MAX_IMG_SIZE} pixels')
 
 
+@functools.lru_cache(maxsize=32)
+def _meta_shapes(model_name, settings):
+    """{key: shape} of `model_name` built with `settings` on the meta device (no memory)."""
+    with torch.device('meta'):
+        return {k: tuple(v.shape) for k, v in timm.create_model(model_name, **dict(settings)).state_dict().items()}
+
+
 def check_file_settings(model_name, state_dict, source, **settings):
     """Before a model is built from the settings a file states about itself (image size, class
     count, ...): the tensors whose shapes those settings decide (pos_embed's grid follows the image
@@ -45,13 +54,13 @@ def check_file_settings(model_name, state_dict, source, **settings):
     if not timm.is_model(model_name):
         raise ValueError(f'{source}: model {model_name!r} is not a model name of this repository or timm\'s registry')
     stated = {k: settings[k] for k in ('img_size', 'num_classes') if k in settings}
-    with torch.device('meta'):
-        expected = timm.create_model(model_name, **settings).state_dict()
-        default = timm.create_model(model_name, **{k: v for k, v in settings.items() if k not in stated}).state_dict()
+    frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    expected = _meta_shapes(model_name, tuple(sorted(frozen.items())))
+    default = _meta_shapes(model_name, tuple(sorted((k, v) for k, v in frozen.items() if k not in stated)))
     for key, tensor in state_dict.items():
-        if key not in expected or key not in default or expected[key].shape == default[key].shape:
+        if key not in expected or key not in default or expected[key] == default[key]:
             continue  # a tensor whose shape the stated settings do not decide
-        want, base = tuple(expected[key].shape), tuple(default[key].shape)
+        want, base = expected[key], default[key]
         decided = [i for i in range(len(want)) if i >= len(base) or want[i] != base[i]]
         if tensor.ndim != len(want) or any(tensor.shape[i] != want[i] for i in decided):
             raise ValueError(f'{source}: {key} has the shape {list(tensor.shape)}, but {model_name} with the '
