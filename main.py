@@ -151,9 +151,9 @@ def get_parser():
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, parser=None):
     """Arguments from the command line over the YAML defaults of -c FILE (engine/options.py)."""
-    parser = get_parser()
+    parser = parser or get_parser()
     args = parse_with_config(parser, argv)
     if args.input_size is not None and args.img_size is not None and args.input_size[-1] != args.img_size:
         parser.error(f'--input-size {" ".join(map(str, args.input_size))} disagrees with --img-size {args.img_size}')
@@ -365,7 +365,7 @@ def current_lr(optimizer):
 def main(argv=None):
     setup_logging()
     parser = get_parser()
-    args = parse_args(argv)
+    args = parse_args(argv, parser)
     runtime = setup_runtime(args)
     resume = find_resume(args, parser, 'train')
     train_data, eval_data, class_names, eval_classes = resolve_classes(args)

@@ -126,7 +126,7 @@ def model_classes(args, source, contents):
     return source.class_names(args.num_classes), source.where
 
 
-def validate_one(args, checkpoint, source, device):
+def validate_one(args, checkpoint, source, device, autocast):
     train_args, head_classes, contents = None, None, None
     if checkpoint:
         contents = read_checkpoint(checkpoint, use_ema=args.use_ema)
@@ -183,8 +183,7 @@ def validate_one(args, checkpoint, source, device):
     progress = partial(tqdm, desc=os.path.basename(checkpoint) or settings['model'], unit='batch',
                        disable=None)  # no bar when the output is not a terminal
     with logging_redirect_tqdm():
-        metrics = evaluate(model, loader, resolve_amp(args, device, training=False).autocast, args.channels_last,
-                           log_interval=0, progress=progress)
+        metrics = evaluate(model, loader, autocast, args.channels_last, log_interval=0, progress=progress)
     return dict(model=settings['model'], checkpoint=checkpoint, top1=round(metrics['top1'], 4),
                 top5=round(metrics['top5'], 4), loss=round(metrics['loss'], 6), num_images=metrics['num_images'],
                 img_size=data_config['input_size'][-1],
@@ -212,13 +211,14 @@ def main(argv=None):
         log_to_file(log_file)
     check_results_file(args.results_file, ('.csv', '.json'))
     device = select_device(args.device)
+    autocast = resolve_amp(args, device, training=False).autocast
     source = open_split(args.dataset, args.data, args.split)
     failed = []
     if args.checkpoint and os.path.isdir(args.checkpoint):
         rows = []
         for ckpt in checkpoints_in(args.checkpoint):
             try:
-                rows.append(validate_one(args, ckpt, source, device))
+                rows.append(validate_one(args, ckpt, source, device, autocast))
             except CheckpointError as e:  # the others are still evaluated
                 _logger.error('%s', e)
                 failed.append((ckpt, str(e)))
@@ -227,7 +227,7 @@ def main(argv=None):
         rows.sort(key=lambda r: r['top1'], reverse=True)
         save_rows(args.results_file or os.path.join(args.checkpoint, 'validation_results.csv'), rows)
     else:
-        rows = [validate_one(args, args.checkpoint, source, device)]
+        rows = [validate_one(args, args.checkpoint, source, device, autocast)]
         if args.results_file:
             save_rows(args.results_file, rows)
     for r in rows:

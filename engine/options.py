@@ -52,19 +52,19 @@ def option_defaults(parser):
 class _Renamed(argparse.Action):
     """An old spelling of an option: stores into the new option's destination and says so."""
 
-    def __init__(self, option_strings, dest, new_flag=None, convert=None, **kwargs):
-        self.new_flag, self.convert = new_flag, convert
+    def __init__(self, option_strings, dest, new_flag=None, **kwargs):
+        self.new_flag = new_flag
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         _logger.warning('%s is now %s: the old spelling still works, use the new one', option_string, self.new_flag)
-        setattr(namespace, self.dest, self.convert(values) if self.convert else values)
+        setattr(namespace, self.dest, values)
 
 
-def add_renamed(parser, old_flag, new_action, convert=None):
+def add_renamed(parser, old_flag, new_action):
     """`old_flag` as an alias of `new_action` (an action of `parser`), with the same arguments."""
     return parser.add_argument(old_flag, dest=new_action.dest, action=_Renamed, new_flag=new_action.option_strings[-1],
-                               convert=convert, nargs=new_action.nargs, type=new_action.type,
+                               nargs=new_action.nargs, type=new_action.type,
                                metavar=new_action.metavar, default=argparse.SUPPRESS,
                                help=f'old spelling of {new_action.option_strings[-1]}')
 
