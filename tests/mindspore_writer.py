@@ -4,7 +4,7 @@ import binascii
 
 import torch
 
-from utils.mindspore_ckpt import TENSOR_TYPES, _message_classes
+from layers.mindspore_ckpt import TENSOR_TYPES, _message_classes
 
 TYPE_NAMES = {torch_dtype: name for name, (_, torch_dtype) in TENSOR_TYPES.items()}
 

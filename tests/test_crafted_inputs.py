@@ -23,7 +23,7 @@ from tests.training_runs import FAST, run_fast
 from tools import convert_mindcv
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint, safe_load
 from utils.cli import UsageError
-from utils.mindspore_ckpt import MindSporeCheckpointError, _message_classes, read_mindspore_checkpoint
+from layers.mindspore_ckpt import MindSporeCheckpointError, _message_classes, read_mindspore_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_LIMIT_MB = 2500  # torch and timm imported, the model of the real weights built: well under this

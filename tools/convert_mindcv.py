@@ -24,7 +24,7 @@ from engine import DiskFullError, write_atomically
 from engine.files import write_staged
 from models import MINDCV_MODELS, check_file_settings, numerics_kwargs
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights
-from utils.mindspore_ckpt import MindSporeCheckpointError, describe_dropped, read_mindcv_checkpoint
+from layers.mindspore_ckpt import MindSporeCheckpointError, describe_dropped, read_mindcv_checkpoint
 
 def convert(src, dst, model_name, use_ema=False):
     """Read src, load it strictly into `model_name` built with MindCV's numerics, write dst

@@ -3,7 +3,7 @@
 Nothing here knows a model family: each model file provides `checkpoint_filter_fn(state_dict,
 model)` (timm's convention) and `checkpoint_variant(state_dict)` for the wrong-variant message.
 MindSpore `.ckpt` files (MindCV's weights) are recognised by their content and read without
-MindSpore (utils/mindspore_ckpt.py); they carry numerics='mindcv'. `.safetensors` files are read
+MindSpore (layers/mindspore_ckpt.py); they carry numerics='mindcv'. `.safetensors` files are read
 with safetensors (no pickle), their metadata supplying the model's settings.
 """
 import argparse
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from .mindspore_ckpt import (MAX_TENSOR_DIMS, MindSporeCheckpointError, looks_like_mindspore_checkpoint,
+from layers.mindspore_ckpt import (MAX_TENSOR_DIMS, MindSporeCheckpointError, looks_like_mindspore_checkpoint,
                              read_mindcv_checkpoint)
 
 _logger = logging.getLogger(__name__)
