@@ -3,12 +3,16 @@ function that picks the implementation (PyTorch, the fused Triton kernels, or th
 
 Windows are gathered with strided slices and scattered back with strided adds instead of
 unfold/fold: the same function, cheaper on CPU and GPU, and exportable to ONNX without Col2Im.
-"""
-import math
 
+TorchScript takes the plain path (softmax, window copies and adds, no custom autograd functions);
+FX sees `apply_outlook_attention` and `pool_ceil` as single calls (torch.fx.wrap, and timm's
+notrace registry for timm's tracers), so traced graphs run the same code as eager.
+"""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from timm.layers import register_notrace_function
 
 from .helpers import exporting, needs_grad
 
@@ -20,6 +24,8 @@ def zero_pad_hw(x: torch.Tensor, padding: int) -> torch.Tensor:
     no opset 18 -> 17 adapter for Pad, and the exporter only writes opset 18."""
     if padding == 0:
         return x
+    if torch.jit.is_scripting():
+        return F.pad(x, [0, 0, padding, padding, padding, padding])
     if not exporting():
         return F.pad(x, (0, 0, padding, padding, padding, padding))
     B, H, W, C = x.shape
@@ -36,7 +42,7 @@ def unfold_windows(v: torch.Tensor, num_heads: int, kernel_size: int, stride: in
     k = kernel_size
     v = zero_pad_hw(v, padding)
     v = v.unfold(1, k, stride).unfold(2, k, stride)[:, :out_h, :out_w]  # B,h,w,C,k,k (a view)
-    v = v.unflatten(3, (num_heads, C // num_heads)).permute(0, 1, 2, 3, 5, 6, 4)
+    v = v.reshape(B, out_h, out_w, num_heads, C // num_heads, k, k).permute(0, 1, 2, 3, 5, 6, 4)
     return v.reshape(B, out_h, out_w, num_heads, k * k, C // num_heads)
 
 
@@ -145,13 +151,21 @@ def register_fused_impl(name, apply, works_on):
     _FUSED[name] = (apply, works_on)
 
 
-def apply_outlook_attention(v, logits, kernel_size, stride, padding, scale, impl='auto', attn_drop=0.):
+def apply_outlook_attention(v: torch.Tensor, logits: torch.Tensor, kernel_size: int, stride: int, padding: int,
+                            scale: float, impl: str = 'auto', attn_drop: float = 0.) -> torch.Tensor:
     """fold(dropout(softmax(scale * logits)) @ unfold(v)): the one place that picks the implementation.
 
     impl 'torch': strided window copies and adds (any device, exportable); 'triton': the fused kernels
     of layers/outlook_triton.py; 'auto': Triton on CUDA when it is installed and passes a one-time
     self-check on the device, else 'torch'. Exporting, and attention dropout, always take 'torch'.
     """
+    if torch.jit.is_scripting():  # an FX graph being scripted calls this function
+        return outlook_attention_plain(v, logits, kernel_size, stride, padding, scale, attn_drop)
+    else:
+        return _apply_chosen(v, logits, kernel_size, stride, padding, scale, impl, attn_drop)
+
+
+def _apply_chosen(v, logits, kernel_size, stride, padding, scale, impl, attn_drop):
     if impl not in OUTLOOK_IMPLS:
         raise ValueError(f'outlook_impl must be one of {OUTLOOK_IMPLS}, got {impl!r}')
     use_fused = impl == 'triton'
@@ -170,6 +184,47 @@ def apply_outlook_attention(v, logits, kernel_size, stride, padding, scale, impl
 
 
 OUTLOOK_IMPLS = ('auto', 'triton', 'torch')
+
+
+def outlook_attention_plain(v: torch.Tensor, logits: torch.Tensor, kernel_size: int, stride: int, padding: int,
+                            scale: float, attn_drop: float = 0.) -> torch.Tensor:
+    """apply_outlook_attention's function in plain tensor ops (TorchScript's path)."""
+    attn = (logits * scale).softmax(dim=-1)
+    if attn_drop > 0.:
+        attn = F.dropout(attn, attn_drop, training=True)
+    H, W = v.shape[1], v.shape[2]
+    k = kernel_size
+    h, w, heads = attn.shape[1], attn.shape[2], attn.shape[3]
+    windows = unfold_windows(v, heads, k, stride, padding, h, w)
+    x = torch.bmm(attn.reshape(-1, k * k, k * k), windows.reshape(-1, k * k, windows.shape[-1]))
+    return fold_windows(x.view(windows.shape), H, W, k, stride, padding)
+
+
+def pool_ceil(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Average pooling of a (B, C, H, W) map over stride x stride cells, in ceil mode: cells past the
+    edge average their in-map pixels."""
+    H, W = x.shape[-2], x.shape[-1]
+    s = stride
+    if H % s == 0 and W % s == 0:
+        return F.avg_pool2d(x, s, s)
+    # explicit for the edge cells: inductor's avg_pool2d backward divides them by s*s
+    # (pytorch/pytorch#198119)
+    pad = [0, -W % s, 0, -H % s]
+    inside = F.avg_pool2d(F.pad(x.new_ones(1, 1, H, W), pad), s, s)
+    return F.avg_pool2d(F.pad(x, pad), s, s) / inside
+
+
+def windows_match_cells(kernel_size: int, stride: int, padding: int) -> bool:
+    """Whether every map size gives as many k x k windows as ceil-mode pooled cells. The difference
+    of the two counts repeats with period `stride` in the map size, so one period decides it."""
+    k, s, p = kernel_size, stride, padding
+    return all((n + 2 * p - k) // s + 1 == -(-n // s) for n in range(1, s + 1))
+
+
+for _fn in (apply_outlook_attention, pool_ceil):
+    register_notrace_function(_fn)
+torch.fx.wrap('apply_outlook_attention')
+torch.fx.wrap('pool_ceil')
 
 
 class OutlookAttention(nn.Module):
@@ -202,32 +257,27 @@ class OutlookAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
+        # VOLO's geometry (3, 2, 1) always matches; others are checked on every input
+        self.check_grid = not windows_match_cells(kernel_size, stride, padding)
 
-    def _pool(self, x):
-        H, W = x.shape[-2:]
-        s = self.stride
-        if H % s == 0 and W % s == 0:
-            return self.pool(x)
-        # ceil-mode windows past the edge average their in-map cells. Pooled explicitly here:
-        # inductor's avg_pool2d backward divides them by s*s (pytorch/pytorch#198119)
-        pad = (0, -W % s, 0, -H % s)
-        inside = F.avg_pool2d(F.pad(x.new_ones(1, 1, H, W), pad), s, s)
-        return F.avg_pool2d(F.pad(x, pad), s, s) / inside
+    def _check_grid(self, H: int, W: int):
+        k, s, p = self.kernel_size, self.stride, self.padding
+        rows, cols = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        if rows != (H + s - 1) // s or cols != (W + s - 1) // s:
+            raise ValueError(
+                'OutlookAttention(kernel_size={}, stride={}, padding={}) needs as many windows as pooled cells; '
+                'a {}x{} map gives {}x{} windows and {}x{} cells'.format(
+                    k, s, p, H, W, rows, cols, (H + s - 1) // s, (W + s - 1) // s))
 
     def forward(self, x):
         B, H, W, C = x.shape
         k, s, p = self.kernel_size, self.stride, self.padding
-        h, w = math.ceil(H / s), math.ceil(W / s)
-        if (H + 2 * p - k) // s + 1 != h or (W + 2 * p - k) // s + 1 != w:
-            raise ValueError(
-                f'OutlookAttention(kernel_size={k}, stride={s}, padding={p}) needs as many windows '
-                f'as pooled cells; a {H}x{W} map gives {(H + 2 * p - k) // s + 1}x'
-                f'{(W + 2 * p - k) // s + 1} windows and {h}x{w} cells')
+        if self.check_grid:
+            self._check_grid(H, W)
 
         v = self.v(x)
-        attn = self._pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        attn = self.attn(attn).reshape(B, h, w, self.num_heads, k * k, k * k)
+        attn = pool_ceil(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
+        attn = self.attn(attn).reshape(B, attn.shape[1], attn.shape[2], self.num_heads, k * k, k * k)
         attn_drop = self.attn_drop.p if self.training else 0.
         x = apply_outlook_attention(v, attn, k, s, p, self.scale, impl=self.outlook_impl, attn_drop=attn_drop)
         x = self.proj(x)
