@@ -28,7 +28,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV2, distribute_bn
 
 import models  # noqa: F401  (registers this repo's models with timm)
-from models import check_img_size
+from models import VOLO, DenseTrainingForward, check_img_size
 from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
 from engine import (RunDirectory, add_training_options, check_finite_loss, explain_out_of_memory, extends_run,
                     find_resume, optimizer_step, parse_with_config, resolved_later, run_trainer, setup_runtime)
@@ -163,7 +163,10 @@ def parse_args(argv=None, parser=None):
 
 
 def has_dense_head(model):
-    return getattr(model, 'aux_head', None) is not None and getattr(model, 'return_dense', False)
+    """Whether the model trains with token labeling's dense output (this repository's VOLO with its
+    dense head and class token: forward_train)."""
+    return isinstance(model, VOLO) and model.aux_head is not None and model.return_dense and \
+        model.global_pool == 'token'
 
 
 def token_grid(model):
@@ -422,6 +425,9 @@ def main(argv=None):
         else:
             mid_epoch = None
             _logger.info('Resumed %s: continuing at epoch %d', resume.path, resume_epoch)
+    train_loss_fn = build_train_loss(args, model, token_label_maps)
+    if has_dense_head(model):
+        model = DenseTrainingForward(model)
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == 'cuda' else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -448,7 +454,6 @@ def main(argv=None):
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
 
-    train_loss_fn = build_train_loss(args, model.module if runtime.distributed else model, token_label_maps)
     mixup_fn = build_mixup(args, runtime, token_label_maps)
 
     run = RunDirectory(args, runtime, 'train', [datetime.now().strftime('%Y%m%d-%H%M%S'), args.model,

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from . import visformer as _visformer, volo as _volo
-from .volo import VOLO, volo_d1, volo_d2, volo_d3, volo_d4, volo_d5
+from .volo import VOLO, DenseTrainingForward, volo_d1, volo_d2, volo_d3, volo_d4, volo_d5
 from .visformer import Visformer, visformer_small, visformer_small_v2, visformer_tiny, visformer_tiny_v2
 
 NUMERICS = ('mindcv',)

@@ -9,10 +9,16 @@ head_dim ** qk_scale_exponent before their product, which keeps fp16 logits in r
 Dense features (timm's `forward_intermediates` / `feature_info` / `features_only`) are the stage
 outputs (v1: strides 8, 16, 32; v2: 4, 8, 16, 32); position embeddings are resized (bicubic) on the
 fly for inputs of another size.
+
+Registered with timm under timm's own v1 names: `visformer_tiny` / `visformer_small` build this
+file's model, with every pretrained tag timm has for them (the same keys, so timm's weights load).
+The v2 names carry MindCV's weights (`.mindcv_in1k`, MindSpore files read by layers/mindspore_ckpt.py).
 """
+import logging
 import math
 import warnings
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -20,8 +26,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import get_pretrained_cfg, load_pretrained, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from layers import resize_pos_embed_nchw
+from layers.mindspore_ckpt import read_mindcv_checkpoint
+
+from ._builder import pretrained_overlay
+
+_logger = logging.getLogger(__name__)
+
+torch.fx.wrap('resize_pos_embed_nchw')  # FX: one call (its branch is on the traced grid size)
 
 __all__ = ['Visformer', 'visformer_tiny', 'visformer_small', 'visformer_tiny_v2', 'visformer_small_v2']
 
@@ -65,7 +80,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.head_dim, H * W).permute(1, 0, 2, 4, 3)
+        q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.head_dim, H * W).permute(1, 0, 2, 4, 3).unbind(0)
         x = F.scaled_dot_product_attention(q * self.qk_scale, k * self.qk_scale, v, scale=1.0,
                                            dropout_p=self.attn_drop if self.training else 0.)
         x = x.permute(0, 1, 3, 2).reshape(B, C, H, W)
@@ -109,15 +124,21 @@ class PatchEmbed(nn.Module):
 class Visformer(nn.Module):
     """Stem (7x7/2 conv, BN, ReLU), then per stage: patch embedding, position embedding, blocks.
 
-    Stages are named from `first_stage` on (1 for v1, whose keys match timm's; 0 for v2).
-    `attn_stage` / `spatial_conv` are per-stage '0'/'1' strings."""
+    Stages are named from `first_stage` on (1 for v1, whose keys match timm's; 0 for v2), four at
+    most (stage0..stage3). `attn_stage` / `spatial_conv` are per-stage '0'/'1' strings. global_pool:
+    'avg' (the reference) or '' (the unpooled map; with num_classes=0)."""
 
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, init_channels=32, stage_dims=(192, 384, 768),
                  patch_sizes=(4, 2, 2), depths=(7, 4, 4), num_heads=(6, 6, 6), mlp_ratio=4., group=8,
                  attn_stage='011', spatial_conv='100', qk_scale_exponent=-0.25, first_stage=1, drop_rate=0.,
-                 attn_drop_rate=0., drop_path_rate=0., pos_embed=True, act_layer=nn.GELU, norm_layer=nn.BatchNorm2d):
+                 attn_drop_rate=0., drop_path_rate=0., pos_embed=True, act_layer=nn.GELU, norm_layer=nn.BatchNorm2d,
+                 global_pool='avg'):
         super().__init__()
         num_stages = len(stage_dims)
+        if first_stage < 0 or first_stage + num_stages > len(STAGE_IDS):
+            raise ValueError(f'stages are named stage0..stage3: first_stage {first_stage} with {num_stages} stages '
+                             f'does not fit')
+        _check_global_pool(global_pool, num_classes)
         if not (len(patch_sizes) == len(depths) == len(num_heads) == len(attn_stage) == len(spatial_conv)
                 == num_stages):
             raise ValueError('stage_dims, patch_sizes, depths, num_heads, attn_stage and spatial_conv need one '
@@ -127,8 +148,14 @@ class Visformer(nn.Module):
         if img_h % stride or img_w % stride:
             raise ValueError(f'img_size {img_size} must be a multiple of {stride}')
         self.num_classes = num_classes
-        self.num_features = stage_dims[-1]
+        self.num_features = self.head_hidden_size = stage_dims[-1]
+        self.global_pool = global_pool
         self.stage_ids = list(range(first_stage, first_stage + num_stages))
+        for sid in STAGE_IDS:  # the absent ones are None (TorchScript's forward names all four)
+            if sid not in self.stage_ids:
+                setattr(self, f'patch_embed{sid}', None)
+                setattr(self, f'pos_embed{sid}', None)
+                setattr(self, f'stage{sid}', None)
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
@@ -187,17 +214,23 @@ class Visformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes, global_pool=None):
+        if global_pool is not None:
+            _check_global_pool(global_pool, num_classes)
+            self.global_pool = global_pool
+        elif num_classes > 0:
+            _check_global_pool(self.global_pool, num_classes)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(self.head)
 
-    def _stage(self, sid, x):
-        x = getattr(self, f'patch_embed{sid}')(x)
-        pos_embed = getattr(self, f'pos_embed{sid}')
+    def _embed(self, x, pos_embed: Optional[torch.Tensor]):
+        """Patch-embedded x plus the stage's position embedding (resized when the grid differs)."""
         if pos_embed is not None:
-            if pos_embed.shape[2:] != x.shape[2:]:
-                pos_embed = F.interpolate(pos_embed, size=x.shape[2:], mode='bicubic', align_corners=False)
-            x = self.pos_drop(x + pos_embed)
+            x = self.pos_drop(x + resize_pos_embed_nchw(pos_embed, x.shape[2:]))
+        return x
+
+    def _stage(self, sid, x):
+        x = self._embed(getattr(self, f'patch_embed{sid}')(x), getattr(self, f'pos_embed{sid}'))
         for blk in getattr(self, f'stage{sid}'):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -205,8 +238,22 @@ class Visformer(nn.Module):
                 x = blk(x)
         return x
 
+    def _stages_scripted(self, x):
+        # TorchScript looks up no attribute by a computed name: the four possible stages spelled out
+        if self.stage0 is not None:
+            x = self.stage0(self._embed(self.patch_embed0(x), self.pos_embed0))
+        if self.stage1 is not None:
+            x = self.stage1(self._embed(self.patch_embed1(x), self.pos_embed1))
+        if self.stage2 is not None:
+            x = self.stage2(self._embed(self.patch_embed2(x), self.pos_embed2))
+        if self.stage3 is not None:
+            x = self.stage3(self._embed(self.patch_embed3(x), self.pos_embed3))
+        return x
+
     def forward_features(self, x):
         x = self.stem(x)
+        if torch.jit.is_scripting():
+            return self.norm(self._stages_scripted(x))
         for sid in self.stage_ids:
             x = self._stage(sid, x)
         return self.norm(x)
@@ -239,7 +286,7 @@ class Visformer(nn.Module):
         pruned = []
         for sid in self.stage_ids[max_index + 1:]:
             for name in (f'patch_embed{sid}', f'pos_embed{sid}', f'stage{sid}'):
-                delattr(self, name)
+                setattr(self, name, None)
             pruned += [f'patch_embed{sid}.', f'pos_embed{sid}', f'stage{sid}.']
         if max_index < len(self.stage_ids) - 1 or prune_norm:
             self.norm = nn.Identity()
@@ -252,26 +299,76 @@ class Visformer(nn.Module):
         self.pruned = tuple(sorted(set(self.pruned) | set(pruned)))
         return take
 
-    def forward_head(self, x, pre_logits=False):
-        x = self.head_drop(x.mean(dim=(2, 3)))
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path):
+        """MindCV's weights (a MindSpore .ckpt, read without MindSpore): timm calls this for the
+        `mindcv_in1k` tags (custom_load). A new class count leaves the head as initialised."""
+        state_dict = checkpoint_filter_fn(read_mindcv_checkpoint(checkpoint_path).state_dict, self)
+        ours, theirs = getattr(self.head, 'weight', None), state_dict.get('head.weight')
+        new_head = ours is None or theirs is None or theirs.shape != ours.shape
+        if new_head:
+            _logger.info('%s: the head is not loaded (%s classes in the file, %d in the model)', checkpoint_path,
+                         'no' if theirs is None else theirs.shape[0], self.num_classes)
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+        ours = self.state_dict()
+        wrong = sorted(k for k in ours if k not in state_dict and not (new_head and k.startswith('head.')))
+        wrong += sorted(k for k, v in state_dict.items() if k not in ours or v.shape != ours[k].shape)
+        if wrong:
+            raise ValueError(f'{checkpoint_path}: {checkpoint_variant(state_dict) or "not a Visformer"}, not the weights '
+                             f'of this Visformer (missing, unexpected or of another shape: {", ".join(wrong[:6])}'
+                             f'{" ..." if len(wrong) > 6 else ""})')
+        self.load_state_dict(state_dict, strict=not new_head)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
 
+STAGE_IDS = (0, 1, 2, 3)
+MINDCV_WEIGHTS = 'https://download.mindspore.cn/toolkits/mindcv/visformer/'
+
+
+def _check_global_pool(global_pool, num_classes):
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    if global_pool == '' and num_classes > 0:
+        raise ValueError("global_pool='' returns the unpooled feature map: use it with num_classes=0")
+
+
 def _cfg(**kwargs):
     return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
             'interpolation': 'bicubic', 'fixed_input_size': True, 'mean': IMAGENET_DEFAULT_MEAN,
-            'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.0', 'classifier': 'head', **kwargs}
+            'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.0', 'classifier': 'head', 'license': 'apache-2.0',
+            'paper_ids': 'arXiv:2104.12533', **kwargs}
 
 
-# timm's community weights for v1 (same keys), resolved before our names replace timm's entries
-_TIMM_WEIGHTS = {}
+def _mindcv_cfg(file):
+    # MindSpore checkpoints (custom_load: Visformer.load_pretrained reads them); the evaluation
+    # settings stay the v1 ones (crop 0.9, bicubic), which the repository has always used for v2
+    return _cfg(url=MINDCV_WEIGHTS + file, custom_load=True, origin_url='https://github.com/mindspore-lab/mindcv')
+
+
+# v1: timm's tags for its weights (the default) and MindCV's; v2: MindCV's
+default_cfgs = generate_default_cfgs({
+    'visformer_tiny.in1k': _cfg(hf_hub_id='timm/'),
+    'visformer_small.in1k': _cfg(hf_hub_id='timm/'),
+    'visformer_tiny.mindcv_in1k': _mindcv_cfg('visformer_tiny-daee0322.ckpt'),
+    'visformer_small.mindcv_in1k': _mindcv_cfg('visformer_small-6c83b6db.ckpt'),
+    'visformer_tiny_v2.mindcv_in1k': _mindcv_cfg('visformer_tiny_v2-6711a758.ckpt'),
+    'visformer_small_v2.mindcv_in1k': _mindcv_cfg('visformer_small_v2-63674ade.ckpt'),
+})
+# any tag timm has for the v1 names and this file does not: kept, so replacing timm's entries loses none
 for _name in ('visformer_tiny', 'visformer_small'):
-    _cfg_timm = get_pretrained_cfg(_name)
-    if _cfg_timm is not None:
-        _TIMM_WEIGHTS[_name] = _cfg_timm.to_dict()
+    for _full_name, _timm_cfg in get_arch_pretrained_cfgs(_name).items():
+        _tag = _full_name.partition('.')[2]
+        if _tag and _tag not in default_cfgs[_name].cfgs:
+            default_cfgs[_name].tags.append(_tag)
+            default_cfgs[_name].cfgs[_tag] = _timm_cfg
 
 VARIANTS = {
     'visformer_tiny': dict(init_channels=16, stage_dims=(96, 192, 384), patch_sizes=(4, 2, 2), depths=(7, 4, 4),
@@ -318,48 +415,40 @@ def checkpoint_filter_fn(state_dict, model):
     for sid in model.stage_ids:
         key = f'pos_embed{sid}'
         theirs, ours = state_dict.get(key), getattr(model, key, None)
-        if theirs is not None and ours is not None and theirs.ndim == 4 and theirs.shape[:2] == ours.shape[:2] \
-                and theirs.shape != ours.shape:
-            state_dict[key] = F.interpolate(theirs.float(), size=ours.shape[2:], mode='bicubic',
-                                            align_corners=False).to(theirs.dtype)
+        if theirs is not None and ours is not None and theirs.ndim == 4 and theirs.shape[:2] == ours.shape[:2]:
+            state_dict[key] = resize_pos_embed_nchw(theirs, ours.shape[2:])
     return state_dict
 
 
 def _create(variant, pretrained=False, **kwargs):
-    overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
-    given_cfg = kwargs.pop('pretrained_cfg', None)  # a dict from timm's hf-hub: / local-dir: sources
-    if hasattr(given_cfg, 'to_dict'):
-        given_cfg = given_cfg.to_dict()
-    cache_dir = kwargs.pop('cache_dir', None)
-    source_args = kwargs.pop('pretrained_model_args', None)  # timm: a hub config's model_args, also in kwargs
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', None)
-    feature_cfg = kwargs.pop('feature_cfg', None) or {}
-    model = Visformer(**{**VARIANTS[variant], **kwargs})
-    img_size = kwargs.get('img_size', 224)
-    base = given_cfg if isinstance(given_cfg, dict) else _TIMM_WEIGHTS.get(variant, {})
-    cfg = _cfg(**{**base, **overlay})
-    cfg['input_size'] = (3, *((img_size, img_size) if isinstance(img_size, int) else img_size))
-    cfg['architecture'] = variant  # timm's save_for_hf / push_to_hf_hub write it to config.json
-    model.pretrained_cfg = model.default_cfg = cfg
-    model.pretrained_model_args = source_args or {}
-    if pretrained:
-        # a local `file`, a `url` (cached by torch.hub) or timm's hub entry for v1
-        if not (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id') or cfg.get('source')):
-            raise ValueError(f'{variant} has no released weights; train it with main.py')
-        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
-                        in_chans=kwargs.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
-    if features_only:
-        indices = tuple(range(len(model.stage_ids))) if out_indices is None else out_indices
-        return FeatureGetterNet(model, out_indices=indices, norm=feature_cfg.get('norm', False))
-    return model
+    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
+    if isinstance(pretrained_cfg, str) and pretrained_cfg not in default_cfgs[variant].cfgs:
+        raise ValueError(f'{variant} has no pretrained tag {pretrained_cfg!r}; known: '
+                         f'{sorted(default_cfgs[variant].cfgs)}')
+    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None if pretrained_cfg else \
+        default_cfgs[variant].tags[0]
+    if pretrained and tag and tag.startswith('mindcv'):
+        for key, value in MINDCV_NUMERICS.items():  # the numerics MindCV's weights were trained with
+            kwargs.setdefault(key, value)
+    img_size = kwargs.get('img_size')
+    overlay = pretrained_overlay(img_size, kwargs.pop('pretrained_cfg_overlay', None))
+    num_stages = len(kwargs.get('stage_dims', VARIANTS[variant]['stage_dims']))
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', tuple(range(num_stages))), feature_cls='getter',
+                       **(kwargs.pop('feature_cfg', None) or {}))
+    return build_model_with_cfg(
+        Visformer, variant, pretrained, pretrained_cfg=pretrained_cfg or tag, pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **{**VARIANTS[variant], **kwargs})
 
 
 def _register(fn):
-    # replaces timm's own v1 entries, whose keys and weights these models share
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return register_model(fn)
+    # timm's entries for the v1 names are replaced knowingly: the same architecture and keys, and
+    # default_cfgs above carries all of timm's tags for them. Any other overwrite still warns.
+    ours = {'visformer_tiny', 'visformer_small'}
+    if fn.__name__ in ours:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message=f'Overwriting {fn.__name__} in registry', category=UserWarning)
+            return register_model(fn)
+    return register_model(fn)
 
 
 @_register

@@ -6,6 +6,11 @@ State-dict keys and shapes match the released checkpoints. Feature maps are chan
 Dense features (timm's `forward_intermediates` / `feature_info` / `features_only`) are the outputs
 of the four stages: the outlooker stage at stride 8 and the three transformer stages at stride 16.
 Any input whose sides are multiples of 16 works: pos_embed is resized (bicubic) on the fly.
+
+`model(x)` returns logits in train and eval mode alike, as timm's VOLO does; `forward_train(x)`
+returns the token-labeling triple (class logits, dense logits, MixToken box), which main.py asks for.
+The model scripts (TorchScript: plain paths, no custom autograd functions) and traces (FX: the
+fused and shape-dependent parts are single calls), with the outputs of eager mode.
 """
 import math
 from functools import partial
@@ -16,14 +21,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import load_pretrained, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from layers import OutlookAttention, exporting, needs_grad, resize_pos_embed
 from layers import OUTLOOK_IMPLS, outlook_aggregate  # noqa: F401  (their names in models.volo before layers/)
 
-__all__ = ['VOLO', 'volo_d1', 'volo_d2', 'volo_d3', 'volo_d4', 'volo_d5']
+from ._builder import pretrained_overlay
+
+__all__ = ['VOLO', 'DenseTrainingForward', 'volo_d1', 'volo_d2', 'volo_d3', 'volo_d4', 'volo_d5']
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -50,6 +57,23 @@ class _GeluLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias, None
 
 
+def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str = 'none'):
+    """linear(gelu(h), weight, bias); when h needs a gradient, gelu(h) is recomputed in backward
+    instead of stored."""
+    if torch.jit.is_scripting():  # an FX graph being scripted calls this function
+        return F.linear(F.gelu(h, approximate=approximate), weight, bias)
+    else:
+        if needs_grad(h):
+            return _GeluLinear.apply(h, weight, bias, approximate)
+        return F.linear(F.gelu(h, approximate=approximate), weight, bias)
+
+
+# FX: one call in traced graphs (its autograd function is chosen when the graph runs)
+register_notrace_function(gelu_linear)
+torch.fx.wrap('gelu_linear')
+torch.fx.wrap('resize_pos_embed')
+
+
 class Mlp(nn.Module):
     """fc1, GELU, fc2 (the reference's keys); in training, GELU's output is recomputed in backward.
     act_layer: a GELU (exact or tanh-approximated) or any other activation (then stored as usual)."""
@@ -58,17 +82,16 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.recompute_gelu = isinstance(self.act, nn.GELU)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
         h = self.fc1(x)
-        if self.recompute_gelu and needs_grad(h) and not self.drop.p:
-            x = _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias, self.act.approximate)
-        else:
-            x = self.fc2(self.drop(self.act(h)))
-        return self.drop(x)
+        if torch.jit.is_scripting():
+            return self.drop(self.fc2(self.drop(self.act(h))))
+        if isinstance(self.act, nn.GELU) and not self.drop.p:  # recomputed in backward
+            return self.drop(gelu_linear(h, self.fc2.weight, self.fc2.bias, self.act.approximate))
+        return self.drop(self.fc2(self.drop(self.act(h))))
 
 
 class Outlooker(nn.Module):
@@ -103,7 +126,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))
@@ -143,7 +166,7 @@ class ClassAttention(nn.Module):
 
     def forward(self, x):
         B, N, _ = x.shape
-        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = self.q(x[:, :1]).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         cls = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
@@ -221,8 +244,10 @@ def rand_token_box(grid_h: int, grid_w: int, lam: float) -> Tuple[int, int, int,
 class VOLO(nn.Module):
     """Outlooker stage at stride 8, transformer stages at stride 16, two class-attention blocks.
 
-    Eval mode returns logits `head(cls) + 0.5 * max_tokens(aux_head(patches))`; train mode returns
-    `(cls_logits, aux_logits, (row1, col1, row2, col2))` with the MixToken box on the token grid.
+    `model(x)` returns logits `head(cls) + 0.5 * max_tokens(aux_head(patches))` in both modes;
+    `forward_train(x)` returns `(cls_logits, aux_logits, (row1, col1, row2, col2))` with the MixToken
+    box on the token grid. global_pool: 'token' (the class token; the reference), 'avg' (mean of all
+    tokens, no dense term; the old `return_mean=True`) or '' (the tokens, unpooled).
     """
 
     def __init__(self, layers, img_size=224, in_chans=3, num_classes=1000, patch_size=8,
@@ -230,8 +255,11 @@ class VOLO(nn.Module):
                  outlook_attention=None, mlp_ratios=None, qkv_bias=False, qk_scale=None, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0., norm_layer=nn.LayerNorm, post_layers=('ca', 'ca'),
                  return_mean=False, return_dense=True, mix_token=True, pooling_scale=2, out_kernel=3,
-                 out_stride=2, out_padding=1, outlook_impl='auto', act_layer=nn.GELU):
+                 out_stride=2, out_padding=1, outlook_impl='auto', act_layer=nn.GELU, global_pool=None):
         super().__init__()
+        if global_pool is None:
+            global_pool = 'avg' if return_mean else 'token'
+        _check_global_pool(global_pool, post_layers)
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         step = patch_size * pooling_scale
         if img_h % step or img_w % step:
@@ -244,8 +272,9 @@ class VOLO(nn.Module):
             if post != 'ca':
                 raise ValueError(f"post_layers entries must be 'ca' (class attention), got {post!r}")
         self.num_classes = num_classes
-        self.num_features = embed_dims[-1]
-        self.return_mean = return_mean
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.global_pool = global_pool
+        self.return_mean = global_pool == 'avg'
         self.return_dense = return_dense
         self.mix_token = mix_token
         self.beta = 1.0
@@ -326,7 +355,12 @@ class VOLO(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes, global_pool=None):
-        """Replace both heads (class token and dense) for a new class count; 0 removes them."""
+        """Replace both heads (class token and dense) for a new class count; 0 removes them (the
+        model then returns the pooled features). global_pool: as in the constructor."""
+        if global_pool is not None:
+            _check_global_pool(global_pool, () if self.post_network is None else ('ca',))
+            self.global_pool = global_pool
+            self.return_mean = global_pool == 'avg'
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
@@ -345,10 +379,7 @@ class VOLO(nn.Module):
 
     def _add_pos_embed(self, x):
         """x (B, H, W, C) plus pos_embed, resized (bicubic) when the grid is not the built one."""
-        pos_embed = self.pos_embed
-        if pos_embed.shape[1:3] != x.shape[1:3]:
-            pos_embed = resize_pos_embed(pos_embed, x.shape[1:3])
-        return self.pos_drop(x + pos_embed)
+        return self.pos_drop(x + resize_pos_embed(self.pos_embed, x.shape[1:3]))
 
     def forward_tokens(self, x):
         """Stem output (B, H, W, C) -> normed tokens (B, [1 +] N, C)."""
@@ -356,12 +387,19 @@ class VOLO(nn.Module):
             if idx == 2:  # after the downsample: position embedding, then tokens
                 x = self._add_pos_embed(x)
                 x = x.flatten(1, 2)
-            x = self._run(stage, x) if isinstance(stage, nn.Sequential) else stage(x)
-        if x.ndim == 4:
+            if not torch.jit.is_scripting() and self.grad_checkpointing and isinstance(stage, nn.Sequential):
+                x = self._run(stage, x)
+            else:
+                x = stage(x)
+        if len(self.network) <= 2:  # a pruned model whose maps never became tokens
             x = x.flatten(1, 2)
         if self.post_network is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            x = self._run(self.post_network, x)
+            if not torch.jit.is_scripting() and self.grad_checkpointing:
+                x = self._run(self.post_network, x)
+            else:
+                for blk in self.post_network:
+                    x = blk(x)
         return self.norm(x)
 
     def forward_features(self, x):
@@ -423,26 +461,36 @@ class VOLO(nn.Module):
         self.pruned = tuple(sorted(set(self.pruned) | set(pruned)))
         return take
 
-    def forward_head(self, x, pre_logits=False):
-        if self.return_mean:
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == 'avg':
             x = x.mean(1)
             return x if pre_logits else self.head(x)
+        if self.global_pool == '':
+            return x if pre_logits else self.head(x)
         if self.post_network is None:
-            raise ValueError('without class-attention blocks the model has no class token: '
-                             'build it with return_mean=True')
+            raise ValueError("without class-attention blocks the model has no class token: build it with "
+                             "global_pool='avg'")
         cls = x[:, 0]
         if pre_logits:
             return cls
         logits = self.head(cls)
-        if self.aux_head is not None:
+        if self.aux_head is not None and self.num_classes > 0:
             aux = self.aux_head(x[:, 1:])
-            # TopK exports to ONNX opset 17; ReduceMax from the opset-18 exporter does not convert down
-            best = aux.topk(1, dim=1).values[:, 0] if exporting() else aux.amax(dim=1)
+            if torch.jit.is_scripting():
+                best = aux.amax(dim=1)
+            else:
+                # TopK exports to ONNX opset 17; ReduceMax from the opset-18 exporter does not convert down
+                best = aux.topk(1, dim=1).values[:, 0] if exporting() else aux.amax(dim=1)
             logits = logits + 0.5 * best
         return logits
 
+    @torch.jit.ignore
     def forward_train(self, x):
-        """Class logits, dense logits of every token, and the MixToken box (zeros when off)."""
+        """Class logits, dense logits of every token, and the MixToken box (zeros when off): the
+        training output of token labeling (main.py). `model(x)` gives the logits instead."""
+        if self.aux_head is None or self.post_network is None:
+            raise ValueError('forward_train needs the class token and the dense head (return_dense=True, '
+                             'class-attention blocks); this model returns logits only: use model(x)')
         x = self.patch_embed(x).permute(0, 2, 3, 1)
         grid_h, grid_w = x.shape[1] // self.pooling_scale, x.shape[2] // self.pooling_scale
         box = (0, 0, 0, 0)
@@ -465,35 +513,64 @@ class VOLO(nn.Module):
         return cls_logits, aux, box
 
     def forward(self, x):
-        if self.training and self.return_dense and not self.return_mean:
-            return self.forward_train(x)
         return self.forward_head(self.forward_features(x))
 
 
-def _release(file, img_size, crop_pct):
+class DenseTrainingForward(nn.Module):
+    """A VOLO whose forward is forward_train (class logits, dense logits, MixToken box) in training
+    and the logits in evaluation: for DDP and torch.compile, which see only forward (main.py's
+    token-labeling training, tools/benchmark.py). Its `module` attribute is the one timm's
+    unwrap_model and the checkpoint saver look through, so checkpoints keep the model's keys."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module.forward_train(x) if self.training else self.module(x)
+
+
+def _check_global_pool(global_pool, post_layers):
+    if global_pool not in ('token', 'avg', ''):
+        raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+    if global_pool == 'token' and not post_layers:
+        raise ValueError("global_pool='token' needs the class-attention blocks (post_layers); use 'avg'")
+
+
+def _release(file, variant, img_size, crop_pct):
     return {
         'url': f'https://github.com/sail-sg/volo/releases/download/volo_1/{file}',
+        # timm's Hugging Face copy of the same file (the reference's keys; checkpoint_filter_fn reads both)
+        'hf_hub_id': f'timm/{variant}_{img_size}.sail_in1k',
         'num_classes': 1000, 'input_size': (3, img_size, img_size), 'pool_size': None,
         'crop_pct': crop_pct, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.conv.0', 'classifier': ('head', 'aux_head'), 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2106.13112', 'origin_url': 'https://github.com/sail-sg/volo',
     }
+
+
+def release_tag(img_size):
+    """The pretrained tag of the release at `img_size`: 'sail_in1k' at 224, 'sail_in1k_<res>' else."""
+    return 'sail_in1k' if img_size == 224 else f'sail_in1k_{img_size}'
 
 
 # released ImageNet-1k weights per variant and resolution; crop_pct as independently re-evaluated
 RELEASES = {
-    'volo_d1': {224: _release('d1_224_84.2.pth.tar', 224, 0.96),
-                384: _release('d1_384_85.2.pth.tar', 384, 1.0)},
-    'volo_d2': {224: _release('d2_224_85.2.pth.tar', 224, 0.96),
-                384: _release('d2_384_86.0.pth.tar', 384, 1.0)},
-    'volo_d3': {224: _release('d3_224_85.4.pth.tar', 224, 0.96),
-                448: _release('d3_448_86.3.pth.tar', 448, 1.0)},
-    'volo_d4': {224: _release('d4_224_85.7.pth.tar', 224, 0.96),
-                448: _release('d4_448_86.79.pth.tar', 448, 1.15)},
-    'volo_d5': {224: _release('d5_224_86.10.pth.tar', 224, 0.96),
-                448: _release('d5_448_87.0.pth.tar', 448, 1.15),
-                512: _release('d5_512_87.07.pth.tar', 512, 1.15)},
+    'volo_d1': {224: ('d1_224_84.2.pth.tar', 0.96), 384: ('d1_384_85.2.pth.tar', 1.0)},
+    'volo_d2': {224: ('d2_224_85.2.pth.tar', 0.96), 384: ('d2_384_86.0.pth.tar', 1.0)},
+    'volo_d3': {224: ('d3_224_85.4.pth.tar', 0.96), 448: ('d3_448_86.3.pth.tar', 1.0)},
+    'volo_d4': {224: ('d4_224_85.7.pth.tar', 0.96), 448: ('d4_448_86.79.pth.tar', 1.15)},
+    'volo_d5': {224: ('d5_224_86.10.pth.tar', 0.96), 448: ('d5_448_87.0.pth.tar', 1.15),
+                512: ('d5_512_87.07.pth.tar', 1.15)},
 }
+RELEASES = {variant: {res: _release(file, variant, res, crop) for res, (file, crop) in sizes.items()}
+            for variant, sizes in RELEASES.items()}
+
+# timm's pretrained registry: `volo_d1.sail_in1k` (224), `volo_d1.sail_in1k_384`, ...; the 224
+# release is each variant's default
+default_cfgs = generate_default_cfgs({
+    f'{variant}.{release_tag(res)}': cfg for variant, sizes in RELEASES.items() for res, cfg in sizes.items()})
 
 VARIANTS = {
     'volo_d1': dict(layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12),
@@ -509,28 +586,21 @@ VARIANTS = {
 }
 
 
-def _resolve_cfg(variant, img_size, pretrained_cfg, overlay):
-    """The release config for the requested resolution (or release tag `sail_in1k_<res>`): the
-    exact release, else the nearest one with the input size replaced (its pos_embed is resized)."""
+def _release_choice(variant, img_size, pretrained_cfg):
+    """The pretrained tag (or the cfg itself) a VOLO is built with: a given tag (the old spelling
+    'sail_in1k_224' included) or cfg as given, else the release nearest to `img_size` (its pos_embed
+    is resized to the requested grid)."""
     releases = RELEASES[variant]
-    if hasattr(pretrained_cfg, 'to_dict'):
-        pretrained_cfg = pretrained_cfg.to_dict()
     if isinstance(pretrained_cfg, str):
-        tags = {f'sail_in1k_{res}': res for res in releases}
-        if pretrained_cfg not in tags:
+        tags = {release_tag(res): res for res in releases}
+        tag = 'sail_in1k' if pretrained_cfg == 'sail_in1k_224' else pretrained_cfg
+        if tag not in tags:
             raise ValueError(f'{variant} has no release tag {pretrained_cfg!r}; known: {sorted(tags)}')
-        cfg = dict(releases[tags[pretrained_cfg]])
-    elif isinstance(pretrained_cfg, dict):
-        cfg = dict(pretrained_cfg)
-    else:
-        size = 224 if img_size is None else img_size if isinstance(img_size, int) else max(img_size)
-        cfg = dict(releases[min(releases, key=lambda r: (abs(r - size), r))])
-    if img_size is None:
-        img_size = cfg['input_size'][-1]
-    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    cfg['input_size'] = (3, *hw)
-    cfg.update(overlay or {})
-    return img_size, cfg
+        return tag
+    if pretrained_cfg:
+        return pretrained_cfg
+    size = 224 if img_size is None else img_size if isinstance(img_size, int) else max(img_size)
+    return release_tag(min(releases, key=lambda r: (abs(r - size), r)))
 
 
 # MindCV's numerics (mindcv.md §3): tanh-approximated GELU, LayerNorm eps 1e-7, and logits from the
@@ -580,29 +650,16 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _create_volo(variant, pretrained=False, **kwargs):
-    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
-    overlay = kwargs.pop('pretrained_cfg_overlay', None)
-    cache_dir = kwargs.pop('cache_dir', None)
-    source_args = kwargs.pop('pretrained_model_args', None)  # timm: a hub config's model_args, also in kwargs
-    features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    feature_cfg = kwargs.pop('feature_cfg', None) or {}
-    img_size, cfg = _resolve_cfg(variant, kwargs.pop('img_size', None), pretrained_cfg, overlay)
+    img_size = kwargs.get('img_size')
+    pretrained_cfg = _release_choice(variant, img_size, kwargs.pop('pretrained_cfg', None))
+    overlay = pretrained_overlay(img_size, kwargs.pop('pretrained_cfg_overlay', None))
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', (0, 1, 2, 3)), feature_cls='getter',
+                       **(kwargs.pop('feature_cfg', None) or {}))
     model_args = dict(VARIANTS[variant], downsamples=(True, False, False, False),
                       outlook_attention=(True, False, False, False))
-    model_args.update(kwargs)
-    model = VOLO(img_size=img_size, **model_args)
-    cfg['architecture'] = variant  # timm's save_for_hf / push_to_hf_hub write it to config.json
-    model.pretrained_cfg = model.default_cfg = cfg
-    model.pretrained_model_args = source_args or {}
-    if pretrained:
-        # timm's loader: a local `file`, or the `url` downloaded once into torch.hub's cache
-        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
-                        in_chans=model_args.get('in_chans', 3), filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
-    if features_only:
-        return FeatureGetterNet(model, out_indices=out_indices, output_fmt=feature_cfg.get('output_fmt', 'NCHW'),
-                                norm=feature_cfg.get('norm', False))
-    return model
+    return build_model_with_cfg(
+        VOLO, variant, pretrained, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -27,17 +27,18 @@ def test_torch_compile_cpu_matches_eager():
     checked in test_outlook_triton.py::test_torch_compile_matches_eager_on_an_odd_map."""
     torch.manual_seed(0)
     model = small_volo(mix_token=False)
-    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    training_forward = volo.DenseTrainingForward(model)  # main.py's: forward_train in training
+    compiled = torch.compile(training_forward, backend='aot_eager', fullgraph=True)
     x = torch.randn(2, 3, 32, 32)
-    model.eval()
+    training_forward.eval()
     with torch.no_grad():
         assert (compiled(x) - model(x)).abs().max().item() <= 1e-4
-    model.train()
+    training_forward.train()
     cls, aux, _ = compiled(x)
     (cls.square().mean() + aux.square().mean()).backward()
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    cls_e, aux_e, _ = model(x)
+    cls_e, aux_e, _ = model.forward_train(x)
     (cls_e.square().mean() + aux_e.square().mean()).backward()
     assert (cls - cls_e).abs().max().item() <= 1e-4
     for n, p in model.named_parameters():

@@ -21,7 +21,7 @@ from models.visformer import Visformer
 from tests.mindspore_writer import mindcv_names, write_mindspore_checkpoint
 from tests.small_models import small_volo
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint
-from utils.mindspore_ckpt import (MindSporeCheckpointError, looks_like_mindspore_checkpoint, mindcv_state_dict,
+from layers.mindspore_ckpt import (MindSporeCheckpointError, looks_like_mindspore_checkpoint, mindcv_state_dict,
                                   read_mindspore_checkpoint)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def test_damaged_or_foreign_files_are_one_clear_error(tmp_path, damage, message)
 
 
 def test_records_of_a_split_parameter_that_disagree(tmp_path):
-    from utils.mindspore_ckpt import _message_classes
+    from layers.mindspore_ckpt import _message_classes
     Checkpoint = _message_classes()
     records = []
     for dims in ((4, 2), (3, 2)):  # two records of one name with different shapes
@@ -301,7 +301,7 @@ def test_finetune_and_initial_checkpoint_accept_mindspore_files(mindcv_visformer
     assert os.path.isfile(os.path.join(run, 'last.pth.tar'))
 
 
-def test_convert_tool(mindcv_visformer, tmp_path):
+def test_convert_tool(mindcv_visformer, tmp_path, capsys):
     path, source_model = mindcv_visformer
     out = tmp_path / 'converted.pth.tar'
     done = subprocess.run([sys.executable, '-m', 'tools.convert_mindcv', path, str(out), '--model', 'visformer_tiny'],
@@ -312,13 +312,12 @@ def test_convert_tool(mindcv_visformer, tmp_path):
     assert contents.numerics == 'mindcv'
     for k, v in source_model.state_dict().items():
         torch.testing.assert_close(contents.state_dict[k], v, rtol=0, atol=0)
+    # the same tool in-process (the command line is checked above): safetensors output, a wrong model
+    from tools import convert_mindcv
     st = tmp_path / 'converted.safetensors'
-    done = subprocess.run([sys.executable, '-m', 'tools.convert_mindcv', path, str(st), '--model', 'visformer_tiny'],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert convert_mindcv.main([path, str(st), '--model', 'visformer_tiny']) == 0
     contents = read_checkpoint(str(st))
     assert contents.numerics == 'mindcv' and contents.train_args['model'] == 'visformer_tiny'
     torch.testing.assert_close(contents.state_dict['head.weight'], source_model.head.weight, rtol=0, atol=0)
-    wrong = subprocess.run([sys.executable, '-m', 'tools.convert_mindcv', path, str(tmp_path / 'w.pth.tar'), '--model',
-                            'visformer_small'], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert wrong.returncode == 2 and 'looks like visformer_tiny, but the model is visformer_small' in wrong.stderr
+    assert convert_mindcv.main([path, str(tmp_path / 'w.pth.tar'), '--model', 'visformer_small']) == 2
+    assert 'looks like visformer_tiny, but the model is visformer_small' in capsys.readouterr().err

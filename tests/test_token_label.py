@@ -265,7 +265,7 @@ def test_dataset_layout_and_loader(shapes):
     y = create_token_label_target(layouts, num_classes=3, smoothing=0.1, label_size=2)
     assert y.shape == (4, 3, 6)
     model = models.volo_d1(img_size=32, num_classes=3).train()
-    loss = TokenLabelCrossEntropy(dense_weight=0.5)(model(images), y)
+    loss = TokenLabelCrossEntropy(dense_weight=0.5)(model.forward_train(images), y)
     assert torch.isfinite(loss)
 
 

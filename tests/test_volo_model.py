@@ -85,7 +85,7 @@ def test_train_parity_with_timm_forward_train_plus_head():
     ours = models.volo_d1(img_size=64, num_classes=10, mix_token=False).train()
     ref = _timm_twin(ours, 'volo_d1', 64).train()
     x = torch.randn(3, 3, 64, 64)
-    cls, aux, box = ours(x)
+    cls, aux, box = ours.forward_train(x)
     ref_pooled, ref_aux, _ = ref.forward_train(x)
     # timm's forward_train returns the class token's features: apply the head it forgets
     assert (cls - ref.head(ref_pooled)).abs().max().item() <= 1e-4
@@ -139,7 +139,7 @@ def test_mix_token_equals_manual_mix(batch):
     model.patch_embed.eval()  # keep BN statistics out of the comparison
     x = torch.randn(batch, 3, 96, 96)
     torch.manual_seed(123)
-    cls, aux, box = model(x)
+    cls, aux, box = model.forward_train(x)
     r1, c1, r2, c2 = box
     assert 0 <= r1 <= r2 <= 6 and 0 <= c1 <= c2 <= 6
     assert all(isinstance(b, int) for b in box)
@@ -148,7 +148,7 @@ def test_mix_token_equals_manual_mix(batch):
     assert torch.allclose(cls, ref_cls, atol=1e-5)
     assert torch.allclose(aux, ref_aux, atol=1e-5)
     torch.manual_seed(123)
-    assert model(x)[2] == box  # reproducible under torch.manual_seed
+    assert model.forward_train(x)[2] == box  # reproducible under torch.manual_seed
 
 
 def test_mix_token_boxes_stay_on_grid_and_vary():
@@ -165,7 +165,7 @@ def test_mix_token_boxes_stay_on_grid_and_vary():
     assert model.mix_token
     # the box of a real forward is on the 4x4 token grid of a 64-px image
     for _ in range(5):
-        _, aux, (r1, c1, r2, c2) = model(torch.randn(2, 3, 64, 64))
+        _, aux, (r1, c1, r2, c2) = model.forward_train(torch.randn(2, 3, 64, 64))
         assert aux.shape == (2, 16, 3) and 0 <= r1 <= r2 <= 4 and 0 <= c1 <= c2 <= 4
 
 
@@ -189,7 +189,7 @@ def test_rows_first_box_convention():
     volo_box = volo.rand_token_box
     try:
         volo.rand_token_box = lambda gh, gw, lam: (0, 0, 1, gw)
-        model(x)
+        model.forward_train(x)
     finally:
         volo.rand_token_box = volo_box
     mixed = seen[0]
@@ -234,7 +234,7 @@ def test_grad_checkpointing_gives_same_gradients():
 
     def grads():
         model.zero_grad()
-        cls, aux, _ = model(x)
+        cls, aux, _ = model.forward_train(x)
         (cls.square().sum() + aux.square().mean()).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 

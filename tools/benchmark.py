@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers this repo's models)
+from models import DenseTrainingForward
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -101,10 +102,12 @@ def build_pair(args):
                 ref.model.load_state_dict(ours.state_dict(), strict=True)
             else:
                 ref.load_state_dict(ours.state_dict(), strict=True)
+        if args.model.startswith('volo'):
+            ours = DenseTrainingForward(ours)  # the token-labeling training step main.py runs
     if args.grad_checkpointing:
         for m in (ours, ref):
             if m is not None:
-                target = m.model if isinstance(m, TimmVoloTrain) else m
+                target = m.model if isinstance(m, TimmVoloTrain) else getattr(m, 'module', m)
                 target.set_grad_checkpointing(True)
     return ours, ref
 
