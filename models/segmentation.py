@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import visformer, volo
 
 __all__ = ['size_divisor', 'ConvModule', 'FeaturePyramid', 'UPerHead', 'FCNHead', 'Segmentor', 'build_segmentor',
+           'build_pyramid_backbone', 'pyramid_features',
            'SEGMENTATION_BACKBONES', 'pyramid_taps']
 
 SEGMENTATION_BACKBONES = tuple(volo.VARIANTS) + tuple(visformer.VARIANTS)
@@ -179,10 +180,7 @@ class Segmentor(nn.Module):
         self.size_divisor = max(info['reduction'] for info in backbone.feature_info)
 
     def extract_features(self, images):
-        indices = sorted(set(self.taps))
-        maps = dict(zip(indices, self.backbone.forward_intermediates(images, indices=indices,
-                                                                     intermediates_only=True)))
-        return self.neck([maps[i] for i in self.taps])
+        return pyramid_features(self.backbone, self.taps, self.neck, images)
 
     def forward(self, images):
         h, w = images.shape[2:]
@@ -194,6 +192,28 @@ class Segmentor(nn.Module):
             aux = self.auxiliary_head(levels) if self.auxiliary_head is not None else None
             return logits, aux
         return _resize(logits, (h, w))
+
+
+def build_pyramid_backbone(backbone_name: str, img_size, caller: str, **backbone_kwargs):
+    """(backbone, taps, neck): the classification model pruned to the stages the pyramid takes (its
+    keys unchanged), which stage feeds each level, and the FeaturePyramid to strides 4-32. Shared
+    by the segmentors and the detectors."""
+    for key in ('features_only', 'num_classes', 'pretrained'):
+        if key in backbone_kwargs:
+            raise ValueError(f'{caller}: {key} is not a backbone option here')
+    backbone = timm.create_model(backbone_name, img_size=img_size, num_classes=0, **backbone_kwargs)
+    reductions = [info['reduction'] for info in backbone.feature_info]
+    taps = pyramid_taps(reductions)
+    backbone.prune_intermediate_layers(sorted(set(taps)), prune_norm=True, prune_head=True)
+    channels = [backbone.feature_info[i]['num_chs'] for i in taps]
+    return backbone, taps, FeaturePyramid(channels, [reductions[i] for i in taps])
+
+
+def pyramid_features(backbone, taps, neck, images):
+    """The four pyramid levels (strides 4, 8, 16, 32) of `images`."""
+    indices = sorted(set(taps))
+    maps = dict(zip(indices, backbone.forward_intermediates(images, indices=indices, intermediates_only=True)))
+    return neck([maps[i] for i in taps])
 
 
 def build_segmentor(backbone_name: str, num_classes: int, img_size=(512, 512), head_channels=512,
@@ -209,15 +229,7 @@ def build_segmentor(backbone_name: str, num_classes: int, img_size=(512, 512), h
     if any(side <= 0 or side % divisor for side in img_size):
         raise ValueError(f'img_size {img_size[0]}x{img_size[1]}: {backbone_name} needs sides that are multiples of '
                          f'{divisor}')
-    for key in ('features_only', 'num_classes', 'pretrained'):
-        if key in backbone_kwargs:
-            raise ValueError(f'build_segmentor: {key} is not a backbone option here')
-    backbone = timm.create_model(backbone_name, img_size=img_size, num_classes=0, **backbone_kwargs)
-    reductions = [info['reduction'] for info in backbone.feature_info]
-    taps = pyramid_taps(reductions)
-    backbone.prune_intermediate_layers(sorted(set(taps)), prune_norm=True, prune_head=True)
-    channels = [backbone.feature_info[i]['num_chs'] for i in taps]
-    neck = FeaturePyramid(channels, [reductions[i] for i in taps])
+    backbone, taps, neck = build_pyramid_backbone(backbone_name, img_size, 'build_segmentor', **backbone_kwargs)
     decode_head = UPerHead(neck.out_channels, num_classes, channels=head_channels)
     aux = FCNHead(neck.out_channels[2], num_classes, channels=aux_channels, in_index=2) if auxiliary_head else None
     model = Segmentor(backbone, taps, neck, decode_head, aux)
