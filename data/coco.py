@@ -1,5 +1,5 @@
 """COCO-format instance data for the detectors: a dataset that yields what torchvision's detection
-models take, and the conversion of their outputs back to COCO's results format.
+models take (their outputs go back to COCO's results format in utils/det_metrics.py).
 
 Any COCO-format annotation file with its image folder (COCO's own is `annotations/instances_{split}
 2017.json` + `{split}2017/`) is read through torchvision's CocoDetection (pycocotools underneath):
@@ -15,8 +15,6 @@ the id, raised when the dataset is opened, before any work.
 """
 import logging
 import os
-from typing import Dict, List
-
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -26,7 +24,7 @@ from torchvision.transforms import v2
 
 from .dataset import DataError
 
-__all__ = ['CocoInstances', 'detections_to_coco', 'detection_train_transform', 'detection_eval_transform']
+__all__ = ['CocoInstances', 'detection_train_transform', 'detection_eval_transform']
 
 _logger = logging.getLogger(__name__)
 BOX_SLACK = 1.0  # pixels a box may pass its image's edge (COCO's float boxes round outwards)
@@ -124,28 +122,3 @@ class CocoInstances(CocoDetection):
                 np.zeros((0, height, width), dtype=np.uint8)
             target['masks'] = tv_tensors.Mask(torch.from_numpy(masks))
         return self.transforms(image, target)
-
-
-def detections_to_coco(outputs: List[Dict[str, torch.Tensor]], image_ids, label_to_category,
-                       mask_threshold=0.5) -> List[dict]:
-    """torchvision detector outputs (one dict per image, at the original image size) as COCO
-    results: the dataset's image and category ids, xywh boxes, and RLE masks with string counts
-    (what pycocotools' loadRes reads)."""
-    results = []
-    for output, image_id in zip(outputs, image_ids):
-        boxes = output['boxes'].detach().cpu().float()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        scores = output['scores'].detach().cpu().tolist()
-        labels = output['labels'].detach().cpu().tolist()
-        masks = output.get('masks')
-        if masks is not None:
-            binary = (masks.detach().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
-        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
-            result = {'image_id': int(image_id), 'category_id': int(label_to_category[label]),
-                      'bbox': [round(v, 3) for v in box], 'score': round(float(score), 5)}
-            if masks is not None:
-                rle = mask_utils.encode(np.asfortranarray(binary[i]))
-                rle['counts'] = rle['counts'].decode('ascii')
-                result['segmentation'] = rle
-            results.append(result)
-    return results

@@ -12,8 +12,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data.coco import CocoInstances, detections_to_coco
+from data.coco import CocoInstances
 from data.dataset import DataError
+from utils.det_metrics import COCO_STAT_NAMES, coco_stats, detections_to_coco, evaluate_detection
 
 CATEGORIES = [{'id': 90, 'name': 'star'}, {'id': 3, 'name': 'disc'}, {'id': 7, 'name': 'square'}]  # ids with gaps
 
@@ -133,3 +134,36 @@ def test_bad_annotations_are_one_line_naming_the_file_and_id(tmp_path, damage, m
     ann_file.write_text(json.dumps(broken))
     with pytest.raises(DataError, match=message):
         CocoInstances(str(images), str(ann_file))
+
+
+class _GroundTruthDetector(torch.nn.Module):
+    """Answers each image with its own non-crowd ground truth (what a perfect detector outputs)."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.answers = {}
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            keep = target['iscrowd'] == 0
+            self.answers[image.sum().item()] = {
+                'boxes': target['boxes'][keep].as_subclass(torch.Tensor), 'labels': target['labels'][keep],
+                'scores': torch.linspace(1, 0.5, int(keep.sum())), 'masks': target['masks'][keep][:, None].float()}
+
+    def forward(self, images):
+        return [self.answers[image.sum().item()] for image in images]
+
+
+def test_evaluation_counts_each_image_once_and_equals_pycocotools(tmp_path):
+    images, ann_file, _ = make_coco(tmp_path, degenerate=False)
+    ds = CocoInstances(str(images), str(ann_file))
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset([ds, ds]), batch_size=2,
+                                         collate_fn=lambda batch: tuple(zip(*batch)))  # every image twice
+    results, ids = evaluate_detection(_GroundTruthDetector(ds), loader, ds.label_to_category, torch.device('cpu'))
+    assert ids == [10, 20, 30] and len(results) == 3
+    stats, printed = coco_stats(ds.coco, results)
+    assert set(stats) == {'bbox', 'segm'} and list(stats['bbox']) == list(COCO_STAT_NAMES)
+    assert stats['bbox']['AP'] == stats['segm']['AP'] == pytest.approx(1.0)
+    assert 'Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]' in printed
+    for kind in ('bbox', 'segm'):  # the same numbers as pycocotools run directly, to the last digit
+        assert [stats[kind][n] for n in COCO_STAT_NAMES] == [float(v) for v in _evaluate(ann_file, results, kind)]
+    assert coco_stats(ds.coco, [])[0]['bbox']['AP'] == 0.0  # nothing detected
