@@ -274,7 +274,6 @@ class VOLO(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.global_pool = global_pool
-        self.return_mean = global_pool == 'avg'
         self.return_dense = return_dense
         self.mix_token = mix_token
         self.beta = 1.0
@@ -332,6 +331,13 @@ class VOLO(nn.Module):
         trunc_normal_(self.pos_embed, std=.02)
         self.apply(self._init_weights)
 
+    __jit_unused_properties__ = ['return_mean']
+
+    @property
+    def return_mean(self):
+        """The old name of global_pool='avg'."""
+        return self.global_pool == 'avg'
+
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
@@ -360,7 +366,6 @@ class VOLO(nn.Module):
         if global_pool is not None:
             _check_global_pool(global_pool, () if self.post_network is None else ('ca',))
             self.global_pool = global_pool
-            self.return_mean = global_pool == 'avg'
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if self.aux_head is not None:
