@@ -560,8 +560,8 @@ def release_tag(img_size):
     return 'sail_in1k' if img_size == 224 else f'sail_in1k_{img_size}'
 
 
-# released ImageNet-1k weights per variant and resolution; crop_pct as independently re-evaluated
-RELEASES = {
+# released ImageNet-1k weights per variant and resolution: (file, crop_pct as independently re-evaluated)
+_RELEASE_FILES = {
     'volo_d1': {224: ('d1_224_84.2.pth.tar', 0.96), 384: ('d1_384_85.2.pth.tar', 1.0)},
     'volo_d2': {224: ('d2_224_85.2.pth.tar', 0.96), 384: ('d2_384_86.0.pth.tar', 1.0)},
     'volo_d3': {224: ('d3_224_85.4.pth.tar', 0.96), 448: ('d3_448_86.3.pth.tar', 1.0)},
@@ -569,8 +569,9 @@ RELEASES = {
     'volo_d5': {224: ('d5_224_86.10.pth.tar', 0.96), 448: ('d5_448_87.0.pth.tar', 1.15),
                 512: ('d5_512_87.07.pth.tar', 1.15)},
 }
+# their pretrained cfgs, per variant and resolution
 RELEASES = {variant: {res: _release(file, variant, res, crop) for res, (file, crop) in sizes.items()}
-            for variant, sizes in RELEASES.items()}
+            for variant, sizes in _RELEASE_FILES.items()}
 
 # timm's pretrained registry: `volo_d1.sail_in1k` (224), `volo_d1.sail_in1k_384`, ...; the 224
 # release is each variant's default
