@@ -21,18 +21,22 @@ Images are float in [0, 1], normalised and resized (short side 800, long side <=
 model, padded to a multiple of 32.
 """
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Dict
 
 import torch
 import torch.nn as nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from .segmentation import SEGMENTATION_BACKBONES, build_pyramid_backbone, pyramid_features, size_divisor
 
-__all__ = ['DetectionBackbone', 'build_detector', 'DETECTORS', 'FPN_CHANNELS']
+__all__ = ['DetectionBackbone', 'build_detector', 'detector_settings', 'inference_size',
+           'position_grid_size', 'DETECTORS', 'FPN_CHANNELS']
 
 DETECTORS = ('mask_rcnn', 'faster_rcnn', 'retinanet')
 FPN_CHANNELS = 256
@@ -44,16 +48,17 @@ class DetectionBackbone(nn.Module):
     """Classification model -> pyramid (strides 4-32) -> FPN, as torchvision's detectors want it:
     `out_channels` and an OrderedDict of maps with one name per anchor level."""
 
-    def __init__(self, backbone_name, img_size=(800, 1344), one_stage=False, **backbone_kwargs):
+    def __init__(self, backbone_name, img_size=(800, 1344), one_stage=False, fpn_channels=FPN_CHANNELS,
+                 **backbone_kwargs):
         super().__init__()
         self.body, self.taps, self.neck = build_pyramid_backbone(backbone_name, img_size, 'build_detector',
                                                                  **backbone_kwargs)
         self.backbone_name = backbone_name
         self.one_stage = one_stage
         channels = self.neck.out_channels[1:] if one_stage else self.neck.out_channels
-        extra = LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS) if one_stage else LastLevelMaxPool()
-        self.fpn = FeaturePyramidNetwork(list(channels), FPN_CHANNELS, extra_blocks=extra)
-        self.out_channels = FPN_CHANNELS
+        extra = LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else LastLevelMaxPool()
+        self.fpn = FeaturePyramidNetwork(list(channels), fpn_channels, extra_blocks=extra)
+        self.out_channels = fpn_channels
         self.strides = RETINANET_STRIDES if one_stage else TWO_STAGE_STRIDES
         self.size_divisor = size_divisor(backbone_name)
 
@@ -65,12 +70,14 @@ class DetectionBackbone(nn.Module):
 
 
 def build_detector(backbone_name: str, num_classes: int, kind: str = 'mask_rcnn', min_size=800, max_size=1333,
-                   **backbone_kwargs):
+                   fpn_channels: int = FPN_CHANNELS, rois_per_image: int = 512, **backbone_kwargs):
     """torchvision's Mask R-CNN / Faster R-CNN / RetinaNet on a VOLO or Visformer backbone for
     `num_classes` object classes (labels 1..num_classes; 0 is the background). backbone_kwargs go to
     the backbone's factory (e.g. drop_path_rate, img_size: the size its position embeddings are
     built for, resized on the fly for other inputs). min_size may be a tuple (a random short side per
-    training image)."""
+    training image). fpn_channels: the width of the FPN and of the heads (the box head's MLP is 4x
+    it, torchvision's and mmdet's 1024 at the standard 256); rois_per_image: the proposals sampled per
+    image to train the RoI heads (mmdet's and torchvision's 512). Only a CPU-sized demo lowers these."""
     if kind not in DETECTORS:
         raise ValueError(f'kind must be one of {", ".join(DETECTORS)}, got {kind!r}')
     if backbone_name not in SEGMENTATION_BACKBONES:
@@ -78,17 +85,63 @@ def build_detector(backbone_name: str, num_classes: int, kind: str = 'mask_rcnn'
                          f'{", ".join(SEGMENTATION_BACKBONES)}')
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive integer (object classes), got {num_classes!r}')
+    for name, value in (('fpn_channels', fpn_channels), ('rois_per_image', rois_per_image)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f'{name} must be a positive integer, got {value!r}')
     img_size = backbone_kwargs.pop('img_size', (800, 1344))
-    backbone = DetectionBackbone(backbone_name, img_size=img_size, one_stage=kind == 'retinanet', **backbone_kwargs)
+    backbone = DetectionBackbone(backbone_name, img_size=img_size, one_stage=kind == 'retinanet',
+                                 fpn_channels=fpn_channels, **backbone_kwargs)
     common = dict(min_size=min_size, max_size=max_size, size_divisible=max(32, backbone.size_divisor))
     if kind == 'retinanet':
         sizes = tuple((s * 4, int(s * 4 * 2 ** (1 / 3)), int(s * 4 * 2 ** (2 / 3))) for s in RETINANET_STRIDES)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))  # octave base 4, 3 scales an octave
         return RetinaNet(backbone, num_classes + 1, anchor_generator=anchors, detections_per_img=100, **common)
     names = ['0', '1', '2', '3']
-    two_stage = dict(rpn_post_nms_top_n_train=1000,
-                     box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=0), **common)
+    mlp = 4 * fpn_channels
+    two_stage = dict(rpn_post_nms_top_n_train=1000, box_batch_size_per_image=rois_per_image,
+                     box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=0),
+                     box_head=TwoMLPHead(fpn_channels * 7 * 7, mlp), box_predictor=FastRCNNPredictor(mlp, num_classes + 1),
+                     **common)
     if kind == 'faster_rcnn':
-        return FasterRCNN(backbone, num_classes + 1, **two_stage)
-    return MaskRCNN(backbone, num_classes + 1, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=0),
-                    **two_stage)
+        return FasterRCNN(backbone, None, **two_stage)
+    return MaskRCNN(backbone, None, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=0),
+                    mask_head=MaskRCNNHeads(fpn_channels, (fpn_channels,) * 4, 1),
+                    mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1), **two_stage)
+
+
+def detector_settings(state_dict, source='checkpoint'):
+    """{kind, num_classes, fpn_channels} of the detector that `state_dict` holds (a checkpoint of
+    build_detector), read from its head shapes; ValueError naming `source` when it holds none."""
+    fpn = state_dict.get('backbone.fpn.inner_blocks.0.0.weight')
+    if 'roi_heads.box_predictor.cls_score.weight' in state_dict and fpn is not None:
+        kind = 'mask_rcnn' if 'roi_heads.mask_predictor.mask_fcn_logits.weight' in state_dict else 'faster_rcnn'
+        classes = state_dict['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1
+    elif 'head.classification_head.cls_logits.weight' in state_dict and fpn is not None:
+        kind = 'retinanet'
+        anchors = state_dict['head.regression_head.bbox_reg.weight'].shape[0] // 4
+        classes = state_dict['head.classification_head.cls_logits.weight'].shape[0] // anchors - 1
+    else:
+        raise ValueError(f'{source} holds no detector (no roi_heads.box_predictor or head.classification_head with '
+                         f'backbone.fpn): a classification checkpoint initialises a backbone, train_det.py '
+                         f'--backbone-checkpoint FILE')
+    return {'kind': kind, 'num_classes': int(classes), 'fpn_channels': int(fpn.shape[0])}
+
+
+def position_grid_size(backbone_name, short_side, max_size):
+    """The (H, W) a detector's backbone builds its position embeddings for: the largest padded
+    input at this short side and long-side cap (other inputs resize them on the fly)."""
+    divisor = max(32, size_divisor(backbone_name))
+    return tuple(-(-side // divisor) * divisor for side in (short_side, max_size))
+
+
+@contextmanager
+def inference_size(model, short_side, max_size):
+    """Inside, the detector resizes inputs to `short_side` (long side <= max_size), whatever its
+    training sizes."""
+    transform = model.transform
+    saved = transform.min_size, transform.max_size
+    transform.min_size, transform.max_size = (short_side,), max_size
+    try:
+        yield model
+    finally:
+        transform.min_size, transform.max_size = saved

@@ -3,7 +3,7 @@ torchvision's detectors around it (training losses, evaluation outputs)."""
 import pytest
 import torch
 
-from models.detection import DETECTORS, FPN_CHANNELS, DetectionBackbone, build_detector
+from models.detection import DETECTORS, FPN_CHANNELS, DetectionBackbone, build_detector, detector_settings, inference_size
 from models.segmentation import SEGMENTATION_BACKBONES
 
 SMALL_VOLO = dict(  # one block per stage, narrow (tests/small_models.py's settings)
@@ -52,6 +52,7 @@ def test_torchvision_detectors_train_and_evaluate_on_the_adapter(kind):
     assert {'boxes', 'labels', 'scores'} <= set(out) and out['boxes'].shape[1] == 4
     if kind == 'mask_rcnn':
         assert out['masks'].shape[1:] == (1, 96, 128)
+    assert detector_settings(model.state_dict()) == {'kind': kind, 'num_classes': 3, 'fpn_channels': FPN_CHANNELS}
     if kind == 'retinanet':
         assert model.detections_per_img == 100  # mmdet's (torchvision: 300)
     else:
@@ -66,3 +67,27 @@ def test_bad_arguments_are_named():
         build_detector('resnet50', 3)
     with pytest.raises(ValueError, match='num_classes must be a positive integer'):
         build_detector('volo_d1', 0)
+    with pytest.raises(ValueError, match='fpn_channels must be a positive integer'):
+        build_detector('volo_d1', 3, fpn_channels=0)
+
+
+@pytest.mark.parametrize('kind', DETECTORS)
+def test_narrow_heads_and_the_inference_size(kind):
+    """fpn_channels narrows the FPN and every head (the box MLP to 4x it); the checkpoint says so back."""
+    with torch.device('meta'):
+        model = build_detector('volo_d1', 5, kind=kind, min_size=(64, 80), max_size=128, fpn_channels=16,
+                               rois_per_image=64, img_size=(64, 128), **SMALL_VOLO)
+    assert detector_settings(model.state_dict()) == {'kind': kind, 'num_classes': 5, 'fpn_channels': 16}
+    assert model.backbone.out_channels == 16
+    if kind != 'retinanet':
+        assert model.roi_heads.box_head.fc6.weight.shape == (64, 16 * 7 * 7)
+        assert model.roi_heads.box_predictor.cls_score.weight.shape == (6, 64)
+        assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    if kind == 'mask_rcnn':
+        assert model.roi_heads.mask_head[0][0].weight.shape[:2] == (16, 16)
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.shape[:2] == (6, 16)
+    with inference_size(model, 96, 160):
+        assert (model.transform.min_size, model.transform.max_size) == ((96,), 160)
+    assert (model.transform.min_size, model.transform.max_size) == ((64, 80), 128)
+    with pytest.raises(ValueError, match='holds no detector'):
+        detector_settings(model.backbone.body.state_dict(), 'cls.pth')
