@@ -13,21 +13,83 @@ What cannot be right (an image file that is missing, an annotation of an unknown
 a box outside its image, a mask of another size than its image) is a DataError naming the file and
 the id, raised when the dataset is opened, before any work.
 """
+import contextlib
+import io
 import logging
+import math
 import os
+from typing import List
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection
 from torchvision.transforms import v2
 
 from .dataset import DataError
 
-__all__ = ['CocoInstances', 'detection_train_transform', 'detection_eval_transform']
+__all__ = ['CocoInstances', 'AspectRatioBatchSampler', 'coco_split', 'collate_detection', 'detection_eval_loader',
+           'detection_train_transform',
+           'detection_eval_transform', 'MULTI_SCALE_SIZES']
 
 _logger = logging.getLogger(__name__)
 BOX_SLACK = 1.0  # pixels a box may pass its image's edge (COCO's float boxes round outwards)
+MULTI_SCALE_SIZES = tuple(range(480, 801, 32))  # the multi-scale recipe's short sides (long side <= 1333)
+
+
+def coco_split(root, split, images=None, annotations=None):
+    """(image folder, annotation file) of `split` ('train' or 'val'): the ones given, else COCO's
+    layout under `root` (annotations/instances_{split}2017.json and {split}2017/)."""
+    if not (images and annotations) and not root:
+        raise DataError(f'no {split} data: give a COCO root folder, or --{split}-ann and --{split}-images')
+    annotations = annotations or os.path.join(root, 'annotations', f'instances_{split}2017.json')
+    images = images or os.path.join(root, f'{split}2017')
+    return images, annotations
+
+
+def collate_detection(batch):
+    """A list of images and a list of targets (detectors take images of different sizes), as plain
+    tensors."""
+    images, targets = zip(*batch)
+    plain = [{k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+             for t in targets]
+    return [image.as_subclass(torch.Tensor) for image in images], plain
+
+
+class AspectRatioBatchSampler(Sampler[List[int]]):
+    """Training batches of images on the same side of square (width >= height or not, mmdet's
+    grouping), so that a batch pads little. Each epoch (set_epoch) shuffles within the groups, fills a
+    group's last batch from the same group, shuffles the batches and deals them to the processes;
+    every process gets the same number of batches (a few repeated when they do not divide evenly)."""
+
+    def __init__(self, aspect_ratios, batch_size, rank=0, world_size=1, seed=0):
+        self.groups = [[i for i, r in enumerate(aspect_ratios) if (r >= 1) == wide] for wide in (True, False)]
+        self.groups = [g for g in self.groups if g]
+        if not self.groups:
+            raise ValueError('no images to sample')
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.epoch = 0
+        total = sum(math.ceil(len(g) / batch_size) for g in self.groups)
+        self.num_batches = math.ceil(total / world_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            order += [order[i % len(order)] for i in range(-len(order) % self.batch_size)]
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        batches += batches[:self.num_batches * self.world_size - len(batches)]
+        return iter(batches[self.rank::self.world_size])
 
 
 def detection_train_transform():
@@ -42,7 +104,9 @@ def detection_eval_transform():
 class CocoInstances(CocoDetection):
     """(image, target) pairs: a float image in [0, 1] and {'boxes' (XYXY), 'labels', 'masks' (when
     with_masks), 'image_id', 'iscrowd'}. Crowd regions are left out of the training targets
-    (train=True) and kept, marked, otherwise."""
+    (train=True) and kept, marked, otherwise.
+    In training, images without a box to learn from are left out (mmdet's
+    recipe), counted in the log."""
 
     def __init__(self, images, annotations, train=False, with_masks=True, transforms=None):
         if not os.path.isfile(annotations):
@@ -50,7 +114,8 @@ class CocoInstances(CocoDetection):
         if not os.path.isdir(images):
             raise DataError(f'{images}: no such image folder')
         try:
-            super().__init__(images, annotations)
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading steps
+                super().__init__(images, annotations)
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f'{annotations}: not a COCO-format annotation file ({type(e).__name__}: {e})') from None
         self.annotations_file = annotations
@@ -64,6 +129,26 @@ class CocoInstances(CocoDetection):
         self._check()
         if self.dropped_degenerate:
             _logger.info('%s: %d boxes narrower or lower than 1 px dropped', annotations, self.dropped_degenerate)
+        if train:
+            positive = {a['image_id'] for a in self.coco.dataset.get('annotations', [])
+                        if not a.get('iscrowd', 0) and a['bbox'][2] >= 1 and a['bbox'][3] >= 1}
+            kept = [i for i in self.ids if i in positive]
+            if not kept:
+                raise DataError(f'{annotations}: no image has an annotation to train on (every one is empty, a crowd '
+                                f'region or under 1 px)')
+            if len(kept) < len(self.ids):
+                _logger.info('%s: %d of %d images without a box to train on left out of training', annotations,
+                             len(self.ids) - len(kept), len(self.ids))
+            self.ids = kept
+
+    @property
+    def class_names(self):
+        """The category names in label order (label 1 first)."""
+        return [self.coco.cats[c].get('name', str(c)) for c in self.label_to_category[1:]]
+
+    def aspect_ratios(self):
+        """Width / height of every image, from the annotation file (no image is opened)."""
+        return [self.coco.imgs[i]['width'] / self.coco.imgs[i]['height'] for i in self.ids]
 
     def _check(self):
         images = self.coco.imgs
@@ -122,3 +207,11 @@ class CocoInstances(CocoDetection):
                 np.zeros((0, height, width), dtype=np.uint8)
             target['masks'] = tv_tensors.Mask(torch.from_numpy(masks))
         return self.transforms(image, target)
+
+
+def detection_eval_loader(dataset, batch_size=2, workers=2, rank=0, world_size=1):
+    """This process's share of an evaluation dataset (images rank, rank + world_size, ...: each image
+    in one process only), in batches of lists."""
+    share = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(share, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection,
+                      persistent_workers=False)

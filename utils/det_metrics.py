@@ -63,10 +63,11 @@ def coco_stats(coco_gt, results, kinds=('bbox', 'segm'), image_ids=None):
     return stats, '\n'.join(printed)
 
 
-def evaluate_detection(model, loader, label_to_category, device, autocast=None):
+def evaluate_detection(model, loader, label_to_category, device, autocast=None, on_outputs=None):
     """COCO results of `model` (a torchvision detector) over `loader` (batches of (images, targets)
     with 'image_id'), gathered from every process and kept once per image (a distributed sampler
-    repeats images to even out the shards). Returns (results, image ids)."""
+    repeats images to even out the shards). Returns (results, image ids). on_outputs(image_ids,
+    outputs), when given, sees this process's outputs of each batch (e.g. to draw them)."""
     was_training = model.training
     model.eval()
     autocast = autocast or contextlib.nullcontext
@@ -77,6 +78,8 @@ def evaluate_detection(model, loader, label_to_category, device, autocast=None):
                 ids = [int(t['image_id']) for t in targets]
                 with autocast():
                     outputs = model([image.to(device) for image in images])
+                if on_outputs is not None:
+                    on_outputs(ids, outputs)
                 new = [(o, i) for o, i in zip(outputs, ids) if i not in seen]
                 seen.update(ids)
                 results += detections_to_coco([o for o, _ in new], [i for _, i in new], label_to_category)
