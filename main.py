@@ -30,8 +30,9 @@ from timm.utils import ModelEmaV2, distribute_bn
 import models  # noqa: F401  (registers this repo's models with timm)
 from models import VOLO, DenseTrainingForward, check_img_size
 from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
-from engine import (RunDirectory, add_training_options, check_finite_loss, explain_out_of_memory, extends_run,
-                    find_resume, optimizer_step, parse_with_config, resolved_later, run_trainer, setup_runtime)
+from engine import (RunDirectory, add_training_options, check_finite_loss, distributed_model, explain_out_of_memory,
+                    extends_run, find_resume, optimizer_step, parse_with_config, resolved_later, run_trainer,
+                    setup_runtime)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
 from utils import load_pretrained_weights, resume_checkpoint
@@ -428,9 +429,7 @@ def main(argv=None):
     train_loss_fn = build_train_loss(args, model, token_label_maps)
     if has_dense_head(model):
         model = DenseTrainingForward(model)
-    if runtime.distributed:
-        device_ids = [runtime.device.index] if runtime.device.type == 'cuda' else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    model = distributed_model(model, runtime)
 
     warmup_epochs, cooldown_epochs = args.warmup_epochs, args.cooldown_epochs  # the defaults suit 300 epochs
     if warmup_epochs >= args.epochs:

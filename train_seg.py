@@ -13,9 +13,7 @@ model_best.pth.tar. Outputs go to <output>/train_seg/<time>-<model>-<dataset>-<c
 scaffold (resume, checkpoints, summary, tracking, mixed precision, torchrun) is engine/'s.
 """
 import argparse
-import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -27,14 +25,13 @@ from tqdm import tqdm
 
 from data import (DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, SegTrainTransform, build_seg_dataset,
                   seg_dataset_kind, seg_dataset_type)
-from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, explain_out_of_memory,
-                    extends_run, find_resume, optimizer_step, parse_with_config, run_trainer, setup_runtime,
-                    write_atomically)
+from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, distributed_model,
+                    explain_out_of_memory, extends_run, find_resume, optimizer_step, parse_with_config,
+                    resume_training, run_trainer, setup_runtime)
 from loss import SegmentationLoss
 from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
-from utils import load_pretrained_weights, resume_checkpoint
-from utils.checkpoint import training_step
+from utils import load_pretrained_weights
 from utils.cli import UsageError
 from utils.config import non_negative_int, positive_int
 from utils.log import setup_logging
@@ -230,19 +227,8 @@ def main(argv=None):
             _logger.warning('SyncBatchNorm needs CUDA: on CPU every process keeps its own BatchNorm statistics')
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=tuple(args.betas))
 
-    start_iter = 0
-    if resume:
-        resume_checkpoint(model, resume.path, optimizer=optimizer, loss_scaler=runtime.amp.loss_scaler,
-                          checkpoint=resume.checkpoint)
-        start_iter = training_step(resume.checkpoint)
-        _logger.info('Resumed %s: continuing at iteration %d', resume.path, start_iter)
-        if start_iter >= args.iters:
-            raise UsageError(f'nothing to train: the run is at iteration {start_iter} of --iters {args.iters}; '
-                             f'raise --iters to continue it')
-    train_model = model
-    if runtime.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    start_iter = resume_training(model, resume, optimizer, runtime, args.iters, 'iteration', '--iters') if resume else 0
+    train_model = distributed_model(model, runtime)
 
     run = RunDirectory(args, runtime, 'train_seg', [datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, args.dataset,
                                                      'x'.join(map(str, args.crop_size))],
@@ -300,11 +286,7 @@ def main(argv=None):
             train_model.train()
     finally:
         progress.close()
-    best, best_iter = run.best
-    if best is not None:
-        write_atomically(os.path.join(run.path, 'best.json'),
-                         json.dumps({'mIoU': best, 'iteration': best_iter}).encode())
-    return run.close('mIoU')
+    return run.close('mIoU', best_key='mIoU')
 
 
 def cli(argv=None):

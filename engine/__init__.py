@@ -6,8 +6,8 @@ from .checkpoint_saver import CheckpointSaver
 from .files import DiskFullError, check_writable_folder, save_image, write_atomically
 from .options import (add_amp_options, add_config_option, add_device_options, add_renamed, add_training_options,
                       extends_run, parse_with_config, resolved_later, run_extending)
-from .run import Resume, RunDirectory, find_resume, run_trainer
+from .run import Resume, RunDirectory, find_resume, resume_training, run_trainer
 from .runs import ResumeError
-from .runtime import Amp, DeviceError, Runtime, resolve_amp, select_device, setup_runtime
+from .runtime import Amp, DeviceError, Runtime, distributed_model, resolve_amp, select_device, setup_runtime
 from .step import check_finite_loss, explain_out_of_memory, optimizer_step
 from .validation import check_results_file, settings_from_training, write_results

@@ -5,6 +5,7 @@ work. Only the first process writes; on the others every method is a no-op.
 """
 import argparse
 import glob
+import json
 import logging
 import os
 from typing import NamedTuple, Optional
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import yaml
 from timm.utils import get_outdir
 
-from utils.checkpoint import CheckpointError, resolve_checkpoint_path, safe_load, training_step
+from utils.checkpoint import CheckpointError, resolve_checkpoint_path, resume_checkpoint, safe_load, training_step
 from utils.cli import NonFiniteLoss, UsageError, run_cli
 from utils.log import log_to_file
 from .checkpoint_saver import CheckpointSaver
@@ -60,6 +61,18 @@ def find_resume(args, parser, kind, upgrade=None) -> Optional[Resume]:
         path = resolve_checkpoint_path(args.resume)
         return Resume(path, safe_load(path))
     return None
+
+
+def resume_training(model, resume: Resume, optimizer, runtime, total, unit, option):
+    """Model, optimizer and loss scaler restored from `resume`; returns the `unit` ('epoch' or
+    'iteration') to continue at. A run already at `total` is a UsageError naming `option`."""
+    start = resume_checkpoint(model, resume.path, optimizer=optimizer, loss_scaler=runtime.amp.loss_scaler,
+                              checkpoint=resume.checkpoint)
+    _logger.info('Resumed %s: continuing at %s %d', resume.path, unit, start)
+    if start >= total:
+        raise UsageError(f'nothing to train: the run is at {unit} {start} of {option} {total}; raise {option} to '
+                         f'continue it')
+    return start
 
 
 class RunDirectory:
@@ -136,12 +149,16 @@ class RunDirectory:
                               os.path.join(self.path, 'last.pth.tar'))
             raise
 
-    def close(self, metric_name='metric'):
-        """The end of training: the best `metric_name` said, trackers closed, the process group
-        (when there is one) left; returns the run directory."""
+    def close(self, metric_name='metric', best_key=None):
+        """The end of training: the best `metric_name` said (and, with `best_key`, written to
+        best.json as {best_key: value, step name: step}), trackers closed, the process group (when
+        there is one) left; returns the run directory."""
         best, step = self.best
         if best is not None:
             _logger.info('*** Best %s: %s (%s %s)', metric_name, best, self.step_name, step)
+            if best_key:
+                write_atomically(os.path.join(self.path, 'best.json'),
+                                 json.dumps({best_key: best, self.step_name: step}).encode())
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None

@@ -101,6 +101,15 @@ class Runtime:
         return self.rank == 0
 
 
+def distributed_model(model, runtime):
+    """`model` in DistributedDataParallel when the run has several processes (on its GPU, or on
+    the CPU), else as it is."""
+    if not runtime.distributed:
+        return model
+    device = runtime.device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
 def setup_runtime(args, training=True):
     """Device and process group (torchrun's env:// when WORLD_SIZE > 1), seeds offset by rank, and
     mixed precision, from the shared options (engine/options.py)."""

@@ -192,6 +192,26 @@ def forward_flops(model, args):
     return counter.get_total_flops()
 
 
+def add_measure_options(parser, warmup, iters):
+    """The options the task benchmarks (tools/benchmark_seg.py, tools/benchmark_det.py) share."""
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--precision', choices=sorted(DTYPES), default='fp32', help='autocast dtype (fp32: none)')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--warmup', type=int, default=warmup)
+    parser.add_argument('--iters', type=int, default=iters)
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--json', default=None, help='write the results here')
+
+
+def report(results, json_path=None):
+    """One `key: value` line per result, and the results as JSON at json_path."""
+    for key, value in results.items():
+        print(f'{key}: {value:.3f}' if isinstance(value, float) else f'{key}: {value}')
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(results, f, indent=2)
+
+
 def sync(device):
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize()

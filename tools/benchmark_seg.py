@@ -10,7 +10,6 @@ allocator peak, or live tensor bytes from torch.profiler on the CPU), above the 
 optimizer state.
 """
 import argparse
-import json
 import sys
 from contextlib import nullcontext
 
@@ -18,7 +17,7 @@ import torch
 
 from loss import SegmentationLoss
 from models.segmentation import build_segmentor
-from tools.benchmark import DTYPES, peak_memory_mib, sync, time_alternating
+from tools.benchmark import DTYPES, add_measure_options, peak_memory_mib, report, sync, time_alternating
 from utils.seg_inference import slide_inference
 
 
@@ -33,14 +32,8 @@ def parse_args(argv=None):
     p.add_argument('--stride', type=int, nargs=2, default=(341, 341))
     p.add_argument('--window-batch', type=int, default=4)
     p.add_argument('--mode', choices=['train', 'slide', 'both'], default='both')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--precision', choices=sorted(DTYPES), default='fp32')
-    p.add_argument('--threads', type=int, default=None)
     p.add_argument('--outlook-impl', choices=['auto', 'triton', 'torch'], default='auto')
-    p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--iters', type=int, default=3)
-    p.add_argument('--no-memory', action='store_true')
-    p.add_argument('--json', default=None)
+    add_measure_options(p, warmup=1, iters=3)
     return p.parse_args(argv)
 
 
@@ -91,11 +84,7 @@ def main(argv=None):
         for name, step in steps.items():
             results[f'{name}_peak_mib'] = peak_memory_mib(step, device)
         sync(device)
-    for key, value in results.items():
-        print(f'{key}: {value:.3f}' if isinstance(value, float) else f'{key}: {value}')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+    report(results, args.json)
     return results
 
 
