@@ -1,0 +1,318 @@
+"""train_det.py and validate_det.py end to end on a generated COCO-format dataset: training, resume,
+evaluation, the saved results re-scored by pycocotools directly, overlays, multi-process gathering,
+the recipes, the sampler and the schedule, and bad input as one line."""
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import train_det
+import validate_det
+from data.coco import AspectRatioBatchSampler, CocoInstances
+from data.synthetic_det import make_coco_dataset
+from engine.summary import read_summary
+from models.detection import build_detector, detector_settings, position_grid_size
+from utils.det_metrics import COCO_STAT_NAMES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--model', 'volo_d1', '--fpn-channels', '16', '--train-sizes', '64', '80', '--test-size', '64',
+        '--max-size', '100', '-b', '2', '--warmup-iters', '2', '-j', '0', '--log-interval', '1', '--drop-path', '0',
+        '--eval-batch-size', '2']
+
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    return make_coco_dataset(str(tmp_path_factory.mktemp('coco')), train=6, val=4, seed=1)
+
+
+@pytest.fixture(scope='module')
+def trained(coco, tmp_path_factory):
+    """A run of 1 epoch, then --resume auto to 2 epochs (one process, evaluation after each)."""
+    output = str(tmp_path_factory.mktemp('runs'))
+    run = train_det.main([coco, *FAST, '--epochs', '1', '--lr-steps', '--output', output])
+    resumed = train_det.main([coco, *FAST, '--epochs', '2', '--lr-steps', '--output', output, '--resume', 'auto'])
+    return run, resumed
+
+
+def test_generated_dataset_has_every_annotation_form(coco):
+    data = json.load(open(os.path.join(coco, 'annotations', 'instances_train2017.json')))
+    anns = data['annotations']
+    assert sorted(c['id'] for c in data['categories']) == [3, 7, 12]  # ids with gaps
+    assert any(isinstance(a['segmentation'], list) for a in anns)
+    rles = [a['segmentation'] for a in anns if isinstance(a['segmentation'], dict)]
+    assert any(isinstance(r['counts'], str) for r in rles) and any(isinstance(r['counts'], list) for r in rles)
+    assert sum(a['iscrowd'] for a in anns) == 1
+    assert len({a['image_id'] for a in anns}) == len(data['images']) - 1  # one empty image
+    shapes = {(i['width'] >= i['height']) for i in data['images']}
+    assert shapes == {True, False}
+    dataset = CocoInstances(os.path.join(coco, 'train2017'), os.path.join(coco, 'annotations',
+                                                                          'instances_train2017.json'), train=True)
+    assert len(dataset) == len(data['images']) - 1  # training leaves the empty image out
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        assert target['masks'].shape[0] == len(target['labels']) == target['boxes'].shape[0]
+        assert not target['iscrowd'].any()
+
+
+def test_train_resume_and_validate_agree_with_pycocotools(coco, trained, tmp_path):
+    run, resumed = trained
+    assert resumed == run  # --resume auto continued the same run directory
+    rows = read_summary(os.path.join(run, 'summary.csv'))
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert all(r['eval_bbox_AP'] != '' and r['eval_segm_AP'] != '' for r in rows)
+    assert json.load(open(os.path.join(run, 'best.json')))['epoch'] in (0, 1)
+    checkpoint = torch.load(os.path.join(run, 'last.pth.tar'), map_location='cpu', weights_only=False)
+    assert checkpoint['label_to_category'] == [0, 3, 7, 12] and checkpoint['class_names'] == ['square', 'disc',
+                                                                                              'diamond']
+    assert detector_settings(checkpoint['state_dict']) == {'kind': 'mask_rcnn', 'num_classes': 3, 'fpn_channels': 16}
+
+    detections, metrics_file, overlays = tmp_path / 'det.json', tmp_path / 'metrics.json', tmp_path / 'overlays'
+    metrics = validate_det.main([coco, '--checkpoint', run, '-j', '0', '--results-file', str(metrics_file),
+                                 '--save-results', str(detections), '--save-overlays', str(overlays),
+                                 '--overlay-threshold', '0'])
+    assert metrics['test_size'] == 64 and metrics['max_size'] == 100 and metrics['model'] == 'volo_d1'
+    assert json.load(open(metrics_file))['bbox'] == metrics['bbox']
+    results = json.load(open(detections))
+    assert results and {r['category_id'] for r in results} <= {3, 7, 12}
+    assert all(isinstance(r['segmentation']['counts'], str) for r in results)
+    gt = COCO(os.path.join(coco, 'annotations', 'instances_val2017.json'))
+    assert {r['image_id'] for r in results} <= set(gt.getImgIds())
+    for kind in ('bbox', 'segm'):  # pycocotools on the saved file, run here: the same numbers to the last digit
+        evaluation = COCOeval(gt, gt.loadRes(str(detections)), kind)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        assert [metrics[kind][name] for name in COCO_STAT_NAMES] == [float(v) for v in evaluation.stats]
+    drawn = sorted(os.listdir(overlays))
+    assert drawn == sorted(os.path.splitext(i['file_name'])[0] + '.png' for i in gt.dataset['images'])
+    for name in drawn:
+        info = next(i for i in gt.dataset['images'] if i['file_name'].startswith(name[:-4]))
+        with Image.open(overlays / name) as image:
+            assert image.size == (info['width'], info['height'])
+
+
+def test_the_trained_detector_scores_what_its_detections_say(coco, trained, tmp_path):
+    """The metrics of --results-file equal COCOeval over the detections the model makes here."""
+    run, _ = trained
+    checkpoint = torch.load(os.path.join(run, 'model_best.pth.tar'), map_location='cpu', weights_only=False)
+    model = build_detector('volo_d1', 3, min_size=64, max_size=100, fpn_channels=16,
+                           img_size=position_grid_size('volo_d1', 64, 100))
+    assert position_grid_size('volo_d1', 64, 100) == (64, 128)
+    model.load_state_dict(checkpoint['state_dict'])
+    model.eval()
+    dataset = CocoInstances(os.path.join(coco, 'val2017'), os.path.join(coco, 'annotations',
+                                                                        'instances_val2017.json'), with_masks=False)
+    results = []
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            image, target = dataset[index]
+            output = model([image])[0]
+            for box, score, label in zip(output['boxes'].tolist(), output['scores'].tolist(),
+                                         output['labels'].tolist()):
+                results.append({'image_id': target['image_id'], 'category_id': [0, 3, 7, 12][label],
+                                'bbox': [round(box[0], 3), round(box[1], 3), round(box[2] - box[0], 3),
+                                         round(box[3] - box[1], 3)], 'score': round(score, 5)})
+    metrics = validate_det.main([coco, '--checkpoint', os.path.join(run, 'model_best.pth.tar'), '-j', '0', '-b', '1'])
+    evaluation = COCOeval(dataset.coco, dataset.coco.loadRes(results), 'bbox')
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert [metrics['bbox'][n] for n in COCO_STAT_NAMES] == pytest.approx([float(v) for v in evaluation.stats],
+                                                                          abs=1e-9)
+
+
+def test_torchrun_validation_gathers_every_image_once(coco, trained, tmp_path):
+    run, _ = trained
+    single = validate_det.main([coco, '--checkpoint', run, '-j', '0', '-b', '1', '--save-results', str(tmp_path / 'one.json')])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'validate_det.py'), coco, '--checkpoint', run, '-j', '0', '-b', '1',
+           '--results-file', str(tmp_path / 'two.json'), '--save-results', str(tmp_path / 'two_det.json')]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert 'Process 1 of 2 on cpu' in done.stdout + done.stderr
+    two = json.load(open(tmp_path / 'two.json'))
+    assert two['bbox'] == single['bbox'] and two['segm'] == single['segm'] and two['images'] == 4
+
+    def key(r):
+        return r['image_id'], r['score'], r['bbox']
+    one_results = sorted(json.load(open(tmp_path / 'one.json')), key=key)
+    two_results = sorted(json.load(open(tmp_path / 'two_det.json')), key=key)
+    assert [key(r) for r in one_results] == pytest.approx([key(r) for r in two_results], abs=1e-3)
+
+
+def test_distributed_train_sh_runs_train_det(coco, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable)
+    cmd = [os.path.join(REPO, 'distributed_train.sh'), '2', '--script', 'train_det.py', coco, *FAST, '--epochs', '1',
+           '--lr-steps', '--output', str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert 'Process 1 of 2 on cpu' in log and 'Evaluation after epoch 0 (4 images)' in log
+    assert '2 iterations an epoch' in log  # 3 wide + 2 tall images: 2 + 1 batches of 2, over 2 processes
+    assert len(glob.glob(str(tmp_path / 'train_det' / '*' / 'model_best.pth.tar'))) == 1
+
+
+class IdModel(nn.Module):
+    """A 'detector' whose one detection encodes its image: box at x = image id."""
+
+    def forward(self, images):
+        return [{'boxes': torch.tensor([[float(im[0, 0, 0]), 0., float(im[0, 0, 0]) + 1, 1.]]),
+                 'scores': torch.tensor([0.9]), 'labels': torch.tensor([1])} for im in images]
+
+
+def _gather_worker(rank, world_size, init_file, out_file):
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+    from data.coco import collate_detection
+    from utils.det_metrics import evaluate_detection
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    data = [(torch.full((3, 2, 2), float(i)), {'image_id': i}) for i in range(5)]  # 5 images over 2 ranks: one repeated
+    sampler = DistributedSampler(data, world_size, rank, shuffle=False)
+    loader = DataLoader(data, batch_size=2, sampler=sampler, collate_fn=collate_detection)
+    results, ids = evaluate_detection(IdModel(), loader, [0, 1], torch.device('cpu'))
+    if rank == 0:
+        json.dump({'results': results, 'ids': ids}, open(out_file, 'w'))
+    dist.destroy_process_group()
+
+
+def test_gathering_over_gloo_keeps_each_image_exactly_once(tmp_path):
+    """A DistributedSampler pads 5 images to 6 over 2 processes: the gathered results hold each image once."""
+    torch.multiprocessing.start_processes(_gather_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out.json')),
+                                          nprocs=2, start_method='fork')
+    out = json.load(open(tmp_path / 'out.json'))
+    assert out['ids'] == [0, 1, 2, 3, 4]
+    assert sorted(r['image_id'] for r in out['results']) == [0, 1, 2, 3, 4]
+    assert all(r['bbox'][0] == r['image_id'] for r in out['results'])
+
+
+def test_aspect_ratio_batches_are_grouped_complete_and_dealt_evenly():
+    ratios = [1.5, 0.5, 1.0, 0.7, 2.0, 1.2, 0.6, 1.1, 1.3]  # 6 wide (>= 1), 3 tall
+    per_rank = [AspectRatioBatchSampler(ratios, 2, rank, 2, seed=3) for rank in range(2)]
+    for epoch in range(3):
+        batches = []
+        for sampler in per_rank:
+            sampler.set_epoch(epoch)
+            batches.append(list(sampler))
+        assert [len(b) for b in batches] == [len(per_rank[0])] * 2 == [3, 3]  # 3 wide + 2 tall batches, padded to 6
+        flat = [batch for rank in batches for batch in rank]
+        assert all(len(b) == 2 and len({ratios[i] >= 1 for i in b}) == 1 for b in flat)
+        assert set(i for b in flat for i in b) == set(range(len(ratios)))
+    sampler = AspectRatioBatchSampler(ratios, 2, seed=3)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert first == list(sampler)  # the same epoch gives the same batches
+    sampler.set_epoch(1)
+    assert first != list(sampler)
+
+
+def test_schedule_and_weight_decay_groups():
+    args = train_det.parse_args(['/data'])
+    assert (args.epochs, args.lr_steps, args.train_sizes) == (12, [8, 11], [800])
+    assert train_det.step_lr(0, 0, args) == pytest.approx(1e-7)  # warmup from lr x 0.001
+    assert train_det.step_lr(250, 0, args) == pytest.approx(1e-4 * (1 - 0.5 * 0.999))
+    assert train_det.step_lr(500, 0, args) == train_det.step_lr(10000, 7, args) == pytest.approx(1e-4)
+    assert train_det.step_lr(10000, 8, args) == pytest.approx(1e-5)
+    assert train_det.step_lr(10000, 11, args) == pytest.approx(1e-6)
+    args3 = train_det.parse_args(['/data', '--schedule', '3x', '--multi-scale'])
+    assert (args3.epochs, args3.lr_steps) == (36, [27, 33])
+    assert args3.train_sizes == list(range(480, 801, 32)) and len(args3.train_sizes) == 11
+    model = build_detector('volo_d1', 2, fpn_channels=16, img_size=(64, 64))
+    decay, rest = train_det.param_groups(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in rest['params']}
+    assert rest['weight_decay'] == 0 and decay['weight_decay'] == 0.05
+    assert 'backbone.body.pos_embed' in no_decay  # (the class token is pruned: the pyramid ends before it)
+    norms = {'backbone.body.network.0.0.norm1', 'backbone.body.network.4.1.norm2', 'backbone.neck.levels.0.1'}
+    assert {f'{m}.{p}' for m in norms for p in ('weight', 'bias')} <= no_decay  # LayerNorms, the neck's BatchNorm
+    assert len(no_decay) == 1 + 2 * 40  # the position embedding, and weight and bias of the 40 norm layers
+    assert 'roi_heads.box_head.fc6.bias' in {names[id(p)] for p in decay['params']}
+    assert len(decay['params']) + len(rest['params']) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('config', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', 'det',
+                                                                                            '*.yaml'))))
+def test_detection_recipes_parse_and_match_the_reference(config):
+    args = train_det.parse_args(['/data', '-c', os.path.join(REPO, 'configs', 'det', config)])
+    assert args.detector == 'mask_rcnn'
+    if config == 'demo.yaml':
+        assert args.model == 'volo_d1' and args.fpn_channels == 64
+        return
+    # detection.md §2: AdamW 1e-4, betas (0.9, 0.999), wd 0.05, 500-iteration warmup from 0.001, 2 per GPU
+    assert (args.lr, args.betas, args.weight_decay, args.batch_size) == (1e-4, [0.9, 0.999], 0.05, 2)
+    assert (args.warmup_iters, args.warmup_ratio, args.fpn_channels, args.amp) == (500, 0.001, 256, True)
+    assert (args.test_size, args.max_size, args.clip_grad) == (800, 1333, None)
+    assert args.model == config[len('mask_rcnn_'):-len('_1x.yaml')]
+    if config.endswith('_1x.yaml'):
+        assert (args.epochs, args.lr_steps, args.train_sizes) == (12, [8, 11], [800])
+    else:
+        assert (args.epochs, args.lr_steps, args.train_sizes) == (36, [27, 33], list(range(480, 801, 32)))
+
+
+def _bad_annotations(coco, tmp_path, change):
+    data = json.load(open(os.path.join(coco, 'annotations', 'instances_train2017.json')))
+    data = copy.deepcopy(data)
+    change(data)
+    path = tmp_path / 'bad.json'
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize('problem, message', [
+    ('unknown_image', 'annotation 1 refers to image 999, which the file does not list'),
+    ('unknown_category', 'annotation 1 refers to category 5, which the file does not list'),
+    ('box_outside', 'annotation 1: box [500.0, 0.0, 10.0, 10.0] is outside its image'),
+    ('mask_size', 'mask of size [3, 3] for image'),
+    ('missing_image', 'is missing'),
+])
+def test_bad_annotations_are_one_line(coco, tmp_path, capsys, problem, message):
+    def change(data):
+        ann = next(a for a in data['annotations'] if a['id'] == 1)
+        if problem == 'unknown_image':
+            ann['image_id'] = 999
+        elif problem == 'unknown_category':
+            ann['category_id'] = 5
+        elif problem == 'box_outside':
+            ann['bbox'] = [500.0, 0.0, 10.0, 10.0]
+        elif problem == 'mask_size':
+            ann['segmentation'] = {'size': [3, 3], 'counts': [9]}
+        else:
+            data['images'][0]['file_name'] = 'nowhere.jpg'
+    bad = _bad_annotations(coco, tmp_path, change)
+    with pytest.raises(SystemExit) as exit_info:
+        train_det.cli(['--train-ann', bad, '--train-images', os.path.join(coco, 'train2017'), *FAST,
+                       '--output', str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('ERROR')]
+    assert 'Traceback' not in err and len(errors) == 1 and message in errors[0] and 'bad.json' in errors[0], err
+
+
+def test_bad_command_lines_are_one_line(coco, trained, tmp_path, capsys):
+    run, _ = trained
+    cases = [
+        (validate_det.cli, [coco, '--checkpoint', run, '--model', 'volo_d2'], 'does not fit the MaskRCNN model'),
+        (validate_det.cli, [coco, '--checkpoint', str(tmp_path / 'none.pth')], 'none.pth'),
+        (validate_det.cli, [coco, '--checkpoint', run, '--save-results', str(tmp_path / 'x.txt')], 'use a .json name'),
+        (train_det.cli, [coco, *FAST, '--epochs', '2', '--lr-steps', '3'], '--lr-steps [3]'),
+        (train_det.cli, [*FAST], 'give a COCO root DIR'),
+    ]
+    torch.save({'state_dict': build_detector('volo_d1', 2, fpn_channels=16, img_size=(64, 64)).backbone.body
+                .state_dict()}, tmp_path / 'cls.pth')
+    cases.append((validate_det.cli, [coco, '--checkpoint', str(tmp_path / 'cls.pth'), '--model', 'volo_d1'],
+                  'holds no detector'))
+    for cli, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err and message in err.strip().splitlines()[-1], (argv, err)
