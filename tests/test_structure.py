@@ -9,12 +9,13 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('layers', 'models', 'utils', 'data', 'loss', 'engine')
-SCRIPTS = ('main', 'validate', 'demo', 'train_seg', 'validate_seg', 'demo_seg', 'tools')
+SCRIPTS = ('main', 'validate', 'demo', 'train_seg', 'validate_seg', 'demo_seg', 'train_det', 'validate_det', 'demo_det',
+           'tools')
 # what each package may import from this repository (function-level imports count too)
 ALLOWED = {'layers': {'layers'}, 'models': {'layers', 'models'}, 'utils': {'layers', 'utils'},
            'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}, 'engine': {'layers', 'utils', 'engine'}}
-TRAINERS = ('main', 'train_seg')
-VALIDATORS = ('validate', 'validate_seg')
+TRAINERS = ('main', 'train_seg', 'train_det')
+VALIDATORS = ('validate', 'validate_seg', 'validate_det')
 
 
 def repo_imports(path, package):
@@ -72,7 +73,8 @@ def test_tools_run_as_modules_without_editing_sys_path():
 
 def test_importing_the_repository_patches_nothing_in_timm():
     code = ('from timm.data import auto_augment as a; before = dict(a.NAME_TO_OP); '
-            'import layers, models, utils, data, loss, engine, main, validate, train_seg, validate_seg, demo_seg; '
+            'import layers, models, utils, data, loss, engine, main, validate, train_seg, validate_seg, demo_seg, '
+            'train_det, validate_det, demo_det; '
             'assert a.NAME_TO_OP == before, "timm op table changed"')
     done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
