@@ -18,6 +18,7 @@ are gathered on the first.
 import argparse
 import json
 import logging
+import math
 import os
 import time
 
@@ -40,6 +41,7 @@ from utils.det_metrics import coco_stats, evaluate_detection
 from utils.log import log_to_file, setup_logging
 
 _logger = logging.getLogger('validate_det')
+OVERLAY_MIN_SIDE = 384  # pixels: smaller images are drawn enlarged
 
 
 def parse_args(argv=None):
@@ -76,19 +78,26 @@ def palette(num_classes):
     return [tuple(int(c) for c in rng.integers(40, 256, size=3)) for _ in range(num_classes + 1)]
 
 
-def draw_detections(image_path, output, class_names, threshold, colours):
+def draw_detections(image_path, output, class_names, threshold, colours, min_side=OVERLAY_MIN_SIDE):
     """The image with the detections scoring at least `threshold`: masks (Mask R-CNN) blended in,
-    boxes, and 'name score' labels."""
+    boxes, and 'name score' labels. Images with a side under `min_side` are enlarged (by a whole
+    factor, nearest) so that the labels stay readable."""
     with Image.open(image_path) as img:
-        image = torch.from_numpy(np.asarray(img.convert('RGB')).copy()).permute(2, 0, 1)
+        image = img.convert('RGB')
+    factor = max(1, math.ceil(min_side / min(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     keep = output['scores'] >= threshold
     labels = output['labels'][keep].tolist()
     colour = [colours[label] for label in labels]
     if 'masks' in output and keep.any():
-        image = draw_segmentation_masks(image, output['masks'][keep][:, 0] > 0.5, alpha=0.45, colors=colour)
+        masks = output['masks'][keep][:, 0] > 0.5
+        masks = masks.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colour)
     if keep.any():
         text = [f'{class_names[label - 1]} {score:.2f}' for label, score in zip(labels, output['scores'][keep].tolist())]
-        image = draw_bounding_boxes(image, output['boxes'][keep], labels=text, colors=colour, width=2)
+        image = draw_bounding_boxes(image, output['boxes'][keep] * factor, labels=text, colors=colour, width=2)
     return Image.fromarray(image.permute(1, 2, 0).numpy())
 
 

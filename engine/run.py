@@ -68,6 +68,8 @@ def resume_training(model, resume: Resume, optimizer, runtime, total, unit, opti
     'iteration') to continue at. A run already at `total` is a UsageError naming `option`."""
     start = resume_checkpoint(model, resume.path, optimizer=optimizer, loss_scaler=runtime.amp.loss_scaler,
                               checkpoint=resume.checkpoint)
+    if unit == 'iteration':  # iterations done (segmentation checkpoints from before 'iteration' say 'epoch')
+        start = training_step(resume.checkpoint)
     _logger.info('Resumed %s: continuing at %s %d', resume.path, unit, start)
     if start >= total:
         raise UsageError(f'nothing to train: the run is at {unit} {start} of {option} {total}; raise {option} to '

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -94,10 +95,15 @@ def test_train_resume_and_validate_agree_with_pycocotools(coco, trained, tmp_pat
         assert [metrics[kind][name] for name in COCO_STAT_NAMES] == [float(v) for v in evaluation.stats]
     drawn = sorted(os.listdir(overlays))
     assert drawn == sorted(os.path.splitext(i['file_name'])[0] + '.png' for i in gt.dataset['images'])
+    changed = 0
     for name in drawn:
         info = next(i for i in gt.dataset['images'] if i['file_name'].startswith(name[:-4]))
-        with Image.open(overlays / name) as image:
-            assert image.size == (info['width'], info['height'])
+        factor = -(-validate_det.OVERLAY_MIN_SIDE // min(info['width'], info['height']))  # small images enlarged
+        with Image.open(os.path.join(coco, 'val2017', info['file_name'])) as source, Image.open(overlays / name) as image:
+            assert image.size == (info['width'] * factor, info['height'] * factor)
+            plain = source.convert('RGB').resize(image.size, Image.NEAREST)
+            changed += bool((np.asarray(image, dtype=int) != np.asarray(plain, dtype=int)).any())
+    assert changed == len({r['image_id'] for r in results if r['score'] >= 0})  # every image with detections drawn on
 
 
 def test_the_trained_detector_scores_what_its_detections_say(coco, trained, tmp_path):
