@@ -1,4 +1,7 @@
 """tools/benchmark.py: the figures in README come from it."""
+import json
+
+import pytest
 import timm
 
 from tools import benchmark
@@ -39,3 +42,17 @@ def test_loader_benchmark_counts_the_files_each_loader_opens(tmp_path):
     opens = {line[:24].strip(): int(line.split('img/s')[1].split()[0])
              for line in done.stdout.splitlines() if 'file opens' in line}
     assert opens == {'folder, plain': 16, 'shards, plain': 4, 'folder, token labels': 32, 'shards, token labels': 4}
+
+
+def test_task_benchmarks_report_time_throughput_and_memory(tmp_path):
+    from tools import benchmark_det, benchmark_seg
+    det = benchmark_det.main(['--image-size', '64', '96', '--objects', '2', '-b', '1', '--infer-batch-size', '1',
+                              '--warmup', '0', '--iters', '1', '--device', 'cpu', '--no-memory', '--json',
+                              str(tmp_path / 'det.json')])
+    assert {'train_step_s', 'train_images_per_s', 'infer_batch_s', 'infer_images_per_s'} <= set(det)
+    assert det['train_images_per_s'] == pytest.approx(1 / det['train_step_s'])
+    assert json.loads((tmp_path / 'det.json').read_text())['params'] == det['params'] == 44794957
+    seg = benchmark_seg.main(['--crop-size', '32', '32', '-b', '2', '--image-size', '32', '64', '--stride', '32', '32',
+                              '--warmup', '0', '--iters', '1', '--device', 'cpu', '--num-classes', '4', '--mode', 'slide'])
+    assert seg['slide_images_per_s'] == pytest.approx(1 / seg['slide_s']) and seg['slide_peak_mib'] > 0
+    assert 'train_step_s' not in seg

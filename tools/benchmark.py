@@ -203,6 +203,32 @@ def add_measure_options(parser, warmup, iters):
     parser.add_argument('--json', default=None, help='write the results here')
 
 
+def measurement_setup(args):
+    """(device, autocast factory) of the shared options; sets the CPU threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.precision]
+    return device, (lambda: torch.autocast(device.type, dtype=dtype)) if args.precision != 'fp32' else nullcontext
+
+
+def measure(steps, images, args, device, names=None):
+    """{'<name>_s', '<name>_images_per_s', '<name>_peak_mib'} of each step: median seconds,
+    `images[step]` over them, and (unless --no-memory) the peak memory. `names` renames a step's
+    seconds key ('train' -> 'train_step': 'train_step_s')."""
+    names = names or {}
+    times = time_alternating(steps, args, device)
+    results = {}
+    for step, seconds in times.items():
+        results[f'{names.get(step, step)}_s'] = seconds
+        results[f'{step}_images_per_s'] = images[step] / seconds
+    if not args.no_memory:
+        for step, run in steps.items():
+            results[f'{step}_peak_mib'] = peak_memory_mib(run, device)
+        sync(device)
+    return results
+
+
 def report(results, json_path=None):
     """One `key: value` line per result, and the results as JSON at json_path."""
     for key, value in results.items():

@@ -11,13 +11,12 @@ optimizer state.
 """
 import argparse
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from loss import SegmentationLoss
 from models.segmentation import build_segmentor
-from tools.benchmark import DTYPES, add_measure_options, peak_memory_mib, report, sync, time_alternating
+from tools.benchmark import add_measure_options, measure, measurement_setup, report
 from utils.seg_inference import slide_inference
 
 
@@ -39,11 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if args.precision != 'fp32' else nullcontext
+    device, autocast = measurement_setup(args)
     model = build_segmentor(args.model, args.num_classes, img_size=tuple(args.crop_size),
                             outlook_impl=args.outlook_impl).to(device)
     loss_fn = SegmentationLoss()
@@ -70,20 +65,10 @@ def main(argv=None):
         steps['train'] = train_step
     if args.mode in ('slide', 'both'):
         steps['slide'] = slide_step
-    times = time_alternating(steps, args, device)
     results = {'model': args.model, 'device': str(device), 'precision': args.precision,
                'threads': torch.get_num_threads(), 'outlook_impl': args.outlook_impl,
                'params': sum(p.numel() for p in model.parameters())}
-    if 'train' in times:
-        results['train_step_s'] = times['train']
-        results['train_images_per_s'] = args.batch_size / times['train']
-    if 'slide' in times:
-        results['slide_s'] = times['slide']
-        results['slide_images_per_s'] = 1 / times['slide']
-    if not args.no_memory:
-        for name, step in steps.items():
-            results[f'{name}_peak_mib'] = peak_memory_mib(step, device)
-        sync(device)
+    results.update(measure(steps, {'train': args.batch_size, 'slide': 1}, args, device, names={'train': 'train_step'}))
     report(results, args.json)
     return results
 
