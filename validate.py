@@ -47,8 +47,23 @@ def parse_args(argv=None):
     p.add_argument('--dataset', '-d', metavar='NAME', default='', type=dataset_type,
                    help="'' or 'folder': class folders; 'wds': tar shards of tools/make_shards.py; 'hfds/NAME': a "
                         "Hugging Face dataset")
-    p.add_argument('--model', '-m', default=None, help="default: the checkpoint's training model, else volo_d1")
     p.add_argument('--checkpoint', default='', help='checkpoint file, or a directory: evaluate each checkpoint in it')
+    add_model_options(p)
+    p.add_argument('-b', '--batch-size', type=positive_int, default=128)
+    add_device_options(p, workers=4)
+    add_amp_options(p)
+    p.add_argument('--no-test-pool', action='store_true',
+                   help='accepted for the original command lines; no test-time pooling is ever applied')
+    p.add_argument('--results-file', default='', help='write results here: .csv or .json')
+    p.add_argument('--log-file', default='',
+                   help="append the log here (default: validate.log in the checkpoint's run directory)")
+    p.add_argument('--pin-mem', action='store_true')
+    return p.parse_args(argv)
+
+
+def add_model_options(p):
+    """How a classifier and its evaluation transform are chosen (validate.py, predict.py)."""
+    p.add_argument('--model', '-m', default=None, help="default: the checkpoint's training model, else volo_d1")
     p.add_argument('--pretrained', action='store_true', help="the model's released weights (no --checkpoint)")
     p.add_argument('--img-size', type=positive_int, default=None,
                    help="evaluation resolution (default: the checkpoint's training size, else the model's)")
@@ -57,20 +72,10 @@ def parse_args(argv=None):
     p.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s, bicubic)')
     p.add_argument('--mean', type=float, nargs='+', default=None)
     p.add_argument('--std', type=float, nargs='+', default=None)
-    p.add_argument('-b', '--batch-size', type=positive_int, default=128)
-    add_device_options(p, workers=4)
     p.add_argument('--num-classes', type=positive_int, default=None, help='default: the checkpoint\'s head size')
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
     p.add_argument('--allow-non-finite', action='store_true', help='load weights holding NaN or Inf anyway')
-    add_amp_options(p)
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--no-test-pool', action='store_true',
-                   help='accepted for the original command lines; no test-time pooling is ever applied')
-    p.add_argument('--results-file', default='', help='write results here: .csv or .json')
-    p.add_argument('--log-file', default='',
-                   help="append the log here (default: validate.log in the checkpoint's run directory)")
-    p.add_argument('--pin-mem', action='store_true')
-    return p.parse_args(argv)
 
 
 def checkpoints_in(path):
@@ -126,16 +131,13 @@ def model_classes(args, source, contents):
     return source.class_names(args.num_classes), source.where
 
 
-def validate_one(args, checkpoint, source, device, autocast):
-    train_args, head_classes, contents = None, None, None
-    if checkpoint:
-        contents = read_checkpoint(checkpoint, use_ema=args.use_ema)
-        train_args, head_classes = contents.train_args, checkpoint_num_classes(contents.state_dict)
-    class_names, classes_from = model_classes(args, source, contents)
-    class_map = source.class_map(class_names)  # before any compute
-    if head_classes is not None and len(class_names) > head_classes:
-        raise CheckpointError(f'{checkpoint or args.model} has a {head_classes}-class head, but {classes_from} '
-                              f'lists {len(class_names)} classes')
+def build_classifier(args, checkpoint, contents, device):
+    """The classifier that `checkpoint` (its `contents`, read once) or --model / --pretrained
+    describes, built, loaded, on `device` in eval mode, with its evaluation data config and the
+    resolved settings. The checkpoint's claims are checked against its tensors before any model is
+    built."""
+    train_args = contents.train_args if contents is not None else None
+    head_classes = checkpoint_num_classes(contents.state_dict) if contents is not None else None
     stated = file_settings(train_args, head_classes)
     settings = resolve_settings(args, stated, head_classes, checkpoint or '--pretrained')
     if args.img_size is not None:
@@ -171,11 +173,23 @@ def validate_one(args, checkpoint, source, device, autocast):
     if checkpoint:
         load_pretrained_weights(model, contents.path, strict=True, state_dict=contents.state_dict,
                                 allow_non_finite=args.allow_non_finite)
-        del contents
     data_config = resolve_data_config(dict(vars(args), crop_pct=settings['crop_pct']), model=model)
     model = model.to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model, data_config, settings
+
+
+def validate_one(args, checkpoint, source, device, autocast):
+    contents = read_checkpoint(checkpoint, use_ema=args.use_ema) if checkpoint else None
+    head_classes = checkpoint_num_classes(contents.state_dict) if contents is not None else None
+    class_names, classes_from = model_classes(args, source, contents)
+    class_map = source.class_map(class_names)  # before any compute
+    if head_classes is not None and len(class_names) > head_classes:
+        raise CheckpointError(f'{checkpoint or args.model} has a {head_classes}-class head, but {classes_from} '
+                              f'lists {len(class_names)} classes')
+    model, data_config, settings = build_classifier(args, checkpoint, contents, device)
+    del contents
     loader = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, pin_memory=args.pin_mem,
                   device=device)
     loader = source.eval_loader(data_config['input_size'][-1], args.batch_size, data_config['crop_pct'],

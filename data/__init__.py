@@ -1,7 +1,8 @@
 """Datasets, transforms and loaders, token labeling included (tlt's public names)."""
 from .augment_compat import fix_posterize
-from .dataset import (DataError, DatasetTokenLabel, ImageFolderDataset, create_token_label_dataset, eval_class_indices,
-                      find_split, hf_class_names, hf_dataset, label_path, load_label_map)
+from .dataset import (DataError, DatasetTokenLabel, ImageFiles, ImageFolderDataset, create_token_label_dataset,
+                      eval_class_indices, find_images, find_split, hf_class_names, hf_dataset, label_path,
+                      load_label_map)
 from .loader import (create_eval_loader, create_shard_eval_loader, create_shard_train_loader, create_token_label_loader,
                      create_train_loader, eval_transform, set_epoch, train_transform, wrap_loader)
 from .shards import ShardSplit, ShardStream, find_shard_split, iter_shard, shard_class_map

@@ -1,4 +1,5 @@
 """Image-folder datasets: plain, and with tlt-format token-label maps."""
+import glob
 import io
 import logging
 import os
@@ -221,3 +222,46 @@ def create_token_label_dataset(dataset_type, root, label_root, transform=None):
     if dataset_type not in ('', 'folder', 'imagenet'):
         raise DataError(f'dataset type {dataset_type!r} is not supported for token labeling; use an image folder')
     return DatasetTokenLabel(root, label_root, transform=transform)
+
+
+def find_images(inputs):
+    """The image files that `inputs` name, in order and once each: files as given, folders searched
+    recursively (sorted), glob patterns (sorted; ** recurses). A name that is none of these, or
+    matches no image, is a DataError naming it."""
+    found = []
+    for item in inputs:
+        if os.path.isfile(item):
+            matches = [item]
+        elif os.path.isdir(item):
+            matches = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
+                             if name.lower().endswith(IMG_EXTENSIONS))
+        elif glob.has_magic(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True)
+                             if os.path.isfile(p) and p.lower().endswith(IMG_EXTENSIONS))
+        else:
+            raise DataError(f'{item}: no such file or folder')
+        if not matches:
+            raise DataError(f'{item}: no images ({", ".join(IMG_EXTENSIONS)})')
+        found += matches
+    seen = set()
+    return [p for p in found if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(image, index) for a list of image files. An unreadable file gives `placeholder` (an image of
+    the transform's output shape) and -1 - index, so that a batch of only unreadable files still
+    collates and the caller knows which ones they were."""
+
+    def __init__(self, paths, transform, placeholder):
+        self.paths, self.transform, self.placeholder = list(paths), transform, placeholder
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            with open(self.paths[index], 'rb') as f:
+                image = Image.open(f).convert('RGB')
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return self.placeholder, -1 - index
+        return self.transform(image), index
