@@ -157,7 +157,7 @@ def draw_dense(image, dense, overall, names, mean, std, path, top=5):
     axes[1].set_title('per-token top class (aux_head)', fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in sorted(set(label.flatten().tolist()))[:10]]
     axes[1].legend(handles, [str(names[c]) if names else str(c) for c in sorted(set(label.flatten().tolist()))[:10]],
-                   fontsize=6, loc='lower left', bbox_to_anchor=(1.0, 0.0))
+                   fontsize=7, loc='upper center', bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
     axes[2].barh(range(len(shown))[::-1], [float(overall[c]) for c in shown])
     axes[2].set_yticks(range(len(shown))[::-1], [str(names[c]) if names else str(c) for c in shown], fontsize=7)
     axes[2].set_xlim(0, 1)
