@@ -60,3 +60,18 @@ def test_the_command_writes_three_pictures(model, tmp_path):
     for path in written:
         with Image.open(path) as picture:
             assert picture.size[0] > 200 and picture.size[1] > 100
+
+
+def test_token_label_maps_name_the_class_of_the_generated_object(shapes, tmp_path):
+    """The generated dataset's labels come from the objects' masks: every token's top class is the
+    image's class, scored higher on the object than on the background."""
+    for class_index, class_dir in enumerate(sorted(os.listdir(os.path.join(shapes, 'labels')))):
+        label = sorted(os.listdir(os.path.join(shapes, 'labels', class_dir)))[0]
+        classes, scores = visualize.token_label_map(os.path.join(shapes, 'labels', class_dir, label), 3)
+        assert classes.shape == scores.shape == (6, 6)
+        assert (classes == class_index).all() and scores.max() > scores.min()
+    train_image = sorted(os.listdir(os.path.join(shapes, 'train', class_dir)))[0]
+    visualize.draw_token_labels(os.path.join(shapes, 'train', class_dir, train_image), classes, scores,
+                                ['a', 'b', 'c'], str(tmp_path / 't.png'))
+    with Image.open(tmp_path / 't.png') as picture:
+        assert picture.size[0] > 300

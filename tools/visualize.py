@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Pictures of what a VOLO looks at, for one image: the outlook attention of a window, the class
-attention over the patches, and the dense (per-token) prediction of its aux_head.
+attention over the patches, the dense (per-token) prediction of its aux_head, and (--token-labels)
+the token labels it was trained with.
 
     python -m tools.visualize cat.jpg --checkpoint d1_224_84.2.pth.tar --out pictures/
     python -m tools.visualize cat.jpg --checkpoint output/train/RUN/ --at 5 7 --block 0 2 --out pictures/
 
-The functions (outlook_window_weights, class_attention, dense_prediction) return the maps as
+The functions (outlook_window_weights, class_attention, dense_prediction, token_label_map) return the maps as
 tensors for notebooks; the command draws them as PNGs with titles. The model, its size, crop and
 class names are resolved as predict.py resolves them.
 """
@@ -85,6 +86,42 @@ def dense_prediction(model: VOLO, image: torch.Tensor):
         overall = model.forward_head(tokens).softmax(-1)[0]
     rows = image.shape[-2] // TOKEN_STRIDE
     return dense.reshape(rows, -1, dense.shape[-1]), overall
+
+
+def token_label_map(path, num_classes=None):
+    """The top class and its score per token of a token-label file (tlt's (2, 5, H, W) maps,
+    checked as training checks them): two (H, W) tensors."""
+    from data import load_label_map
+    label = load_label_map(path, num_classes)
+    return label[1, 0].long(), label[0, 0].float()
+
+
+def draw_token_labels(image_path, classes, scores, names, path):
+    """A training image beside its token labels: the top class per token and its score."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    with Image.open(image_path) as img:
+        axes[0].imshow(img.convert('RGB'))
+    axes[0].set_title('training image', fontsize=8)
+    cmap = plt.get_cmap('tab10')
+    present = sorted(set(classes.flatten().tolist()))
+    axes[1].imshow(np.array([cmap(c % 10)[:3] for c in range(max(present) + 1)])[classes.numpy()],
+                   interpolation='nearest')
+    axes[1].legend([plt.Rectangle((0, 0), 1, 1, color=cmap(c % 10)[:3]) for c in present[:10]],
+                   [str(names[c]) if names else str(c) for c in present[:10]], fontsize=7, loc='upper center',
+                   bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+    axes[1].set_title('top class per token', fontsize=8)
+    shown = axes[2].imshow(scores.numpy(), cmap='viridis', interpolation='nearest')
+    fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    axes[2].set_title('its score', fontsize=8)
+    for ax in axes:
+        ax.axis('off')
+    fig.suptitle(f'Token labels: {os.path.basename(image_path)}', fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches='tight')
+    plt.close(fig)
 
 
 def _unnormalise(image, mean, std):
@@ -180,6 +217,8 @@ def parse_args(argv=None):
                    help='the outlooker block (stage 0: the outlookers)')
     p.add_argument('--at', type=int, nargs=2, default=None, metavar=('ROW', 'COL'),
                    help="the window's cell on the block's pooled grid (default: the centre)")
+    p.add_argument('--token-labels', default='', metavar='FILE',
+                   help="also draw this token-label file (tlt's .pt) of the image")
     p.add_argument('--device', default='cpu')
     return p.parse_args(argv)
 
@@ -215,6 +254,10 @@ def main(argv=None):
     dense, overall = dense_prediction(model, image)
     written.append(os.path.join(args.out, 'dense_prediction.png'))
     draw_dense(image, dense, overall, names, mean, std, written[-1])
+    if args.token_labels:
+        classes, scores = token_label_map(args.token_labels, model.num_classes)
+        written.append(os.path.join(args.out, 'token_labels.png'))
+        draw_token_labels(args.image, classes, scores, names, written[-1])
     for path in written:
         _logger.info('wrote %s', path)
     return written
