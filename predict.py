@@ -61,7 +61,8 @@ def class_names(contents, num_classes):
 
 
 def predict(model, paths, data_config, args, device, autocast):
-    """(rows, unreadable paths): per image its top-k (index, probability), in the order of `paths`."""
+    """(top-k lists, their paths, unreadable paths): for each readable image its top-k (index,
+    probability) pairs, in the order of `paths`."""
     size = data_config['input_size'][-1]
     transform = eval_transform(size, data_config['crop_pct'], data_config['interpolation'])
     dataset = ImageFiles(paths, transform, placeholder=torch.zeros(3, size, size, dtype=torch.uint8))
