@@ -14,9 +14,12 @@ import argparse
 import logging
 import os
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from layers.outlook_attention import OutlookAttention, pool_ceil
 from models.volo import VOLO, ClassAttention
@@ -98,19 +101,16 @@ def token_label_map(path, num_classes=None):
 
 def draw_token_labels(image_path, classes, scores, names, path):
     """A training image beside its token labels: the top class per token and its score."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from PIL import Image
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    fig, axes = _figure(1, 3, figsize=(10, 3.4))
     with Image.open(image_path) as img:
         axes[0].imshow(img.convert('RGB'))
     axes[0].set_title('training image', fontsize=8)
-    cmap = plt.get_cmap('tab10')
+    cmap = matplotlib.colormaps['tab10']
     present = sorted(set(classes.flatten().tolist()))
     axes[1].imshow(np.array([cmap(c % 10)[:3] for c in range(max(present) + 1)])[classes.numpy()],
                    interpolation='nearest')
-    axes[1].legend([plt.Rectangle((0, 0), 1, 1, color=cmap(c % 10)[:3]) for c in present[:10]],
+    axes[1].legend([Rectangle((0, 0), 1, 1, color=cmap(c % 10)[:3]) for c in present[:10]],
                    [str(names[c]) if names else str(c) for c in present[:10]], fontsize=7, loc='upper center',
                    bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
     axes[1].set_title('top class per token', fontsize=8)
@@ -121,7 +121,13 @@ def draw_token_labels(image_path, classes, scores, names, path):
         ax.axis('off')
     fig.suptitle(f'Token labels: {os.path.basename(image_path)}', fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
+
+
+def _figure(rows, cols, figsize, squeeze=True):
+    """(figure, axes) drawn off-screen: matplotlib's Figure directly, so that drawing changes no
+    pyplot state or backend of the caller (a notebook keeps its own)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
 def _unnormalise(image, mean, std):
@@ -132,15 +138,12 @@ def _unnormalise(image, mean, std):
 def draw_outlook(image, weights, pixels_per_cell, at, mean, std, path, block):
     """Each head's weights of the centre cell of the window at pooled cell `at`, drawn over the
     image at the window's cells."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     rows, cols, heads, kk, _ = weights.shape
     k = int(round(kk ** 0.5))
     r, c = at
     centre = weights[r, c, :, kk // 2].reshape(heads, k, k)
     stride = pixels_per_cell * (image.shape[-1] // pixels_per_cell // cols)
-    fig, axes = plt.subplots(1, heads, figsize=(2.2 * heads, 2.6), squeeze=False)
+    fig, axes = _figure(1, heads, figsize=(2.2 * heads, 2.6), squeeze=False)
     pixels = _unnormalise(image, mean, std)
     for h in range(heads):
         ax = axes[0, h]
@@ -157,14 +160,10 @@ def draw_outlook(image, weights, pixels_per_cell, at, mean, std, path, block):
         ax.axis('off')
     fig.suptitle(f'Outlook attention, block {block}, window at cell {tuple(at)}: what its centre gathers', fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
 
 
 def draw_class_attention(image, maps, grid, mean, std, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(maps), figsize=(3 * len(maps), 3.2), squeeze=False)
+    fig, axes = _figure(1, len(maps), figsize=(3 * len(maps), 3.2), squeeze=False)
     pixels = _unnormalise(image, mean, std)
     for b, attention in enumerate(maps):
         heat = attention[:, 1:].mean(0).reshape(grid)
@@ -175,24 +174,20 @@ def draw_class_attention(image, maps, grid, mean, std, path):
         axes[0, b].axis('off')
     fig.suptitle('Where the class token looks', fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
 
 
 def draw_dense(image, dense, overall, names, mean, std, path, top=5):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     pixels = _unnormalise(image, mean, std)
     confidence, label = dense.max(-1)
     shown = overall.topk(min(top, overall.numel())).indices.tolist()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    fig, axes = _figure(1, 3, figsize=(11, 3.6))
     axes[0].imshow(pixels)
     axes[0].set_title('image', fontsize=8)
-    cmap = plt.get_cmap('tab10')
+    cmap = matplotlib.colormaps['tab10']
     colours = np.array([cmap(i % 10)[:3] for i in range(int(label.max()) + 1)])
     axes[1].imshow(colours[label.numpy()], interpolation='nearest')
     axes[1].set_title('per-token top class (aux_head)', fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in sorted(set(label.flatten().tolist()))[:10]]
+    handles = [Rectangle((0, 0), 1, 1, color=colours[c]) for c in sorted(set(label.flatten().tolist()))[:10]]
     axes[1].legend(handles, [str(names[c]) if names else str(c) for c in sorted(set(label.flatten().tolist()))[:10]],
                    fontsize=7, loc='upper center', bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
     axes[2].barh(range(len(shown))[::-1], [float(overall[c]) for c in shown])
@@ -203,7 +198,6 @@ def draw_dense(image, dense, overall, names, mean, std, path, top=5):
         ax.axis('off')
     fig.suptitle(f'Dense prediction: mean token confidence {float(confidence.mean()):.2f}', fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
 
 
 def parse_args(argv=None):
