@@ -44,6 +44,14 @@ _logger = logging.getLogger('validate_det')
 OVERLAY_MIN_SIDE = 384  # pixels: smaller images are drawn enlarged
 
 
+def add_size_options(p):
+    """The size a detector runs at (validate_det.py, predict.py)."""
+    p.add_argument('--test-size', type=positive_int, default=None, metavar='SHORT',
+                   help="short side at inference (default: the checkpoint's, else 800)")
+    p.add_argument('--max-size', type=positive_int, default=None, help="longest side (default: the checkpoint's, "
+                                                                      "else 1333)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DIR', nargs='?', default='',
@@ -53,10 +61,7 @@ def parse_args(argv=None):
     p.add_argument('--images', default='', metavar='DIR', help='their image folder (default: from DIR)')
     p.add_argument('--checkpoint', required=True, help='detector checkpoint file or train_det.py run directory')
     p.add_argument('--model', default=None, choices=SEGMENTATION_BACKBONES, help="default: the checkpoint's backbone")
-    p.add_argument('--test-size', type=positive_int, default=None, metavar='SHORT',
-                   help="short side at inference (default: the checkpoint's, else 800)")
-    p.add_argument('--max-size', type=positive_int, default=None, help="longest side (default: the checkpoint's, "
-                                                                      "else 1333)")
+    add_size_options(p)
     p.add_argument('-b', '--batch-size', type=positive_int, default=2, help='images per process and batch')
     p.add_argument('--results-file', default='', help='write the metrics as JSON here')
     p.add_argument('--save-results', default='', metavar='JSON', help="the detections in COCO's results format")

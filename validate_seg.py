@@ -36,6 +36,20 @@ from utils.seg_metrics import SegmentationMetric, format_table
 _logger = logging.getLogger('validate_seg')
 
 
+def add_inference_options(p):
+    """How a segmentor runs on an image (validate_seg.py, predict.py)."""
+    p.add_argument('--mode', default=None, choices=('whole', 'slide'), help='default: slide')
+    p.add_argument('--crop-size', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
+                   help="sliding-window crop (default: the checkpoint's training crop, else 512 512)")
+    p.add_argument('--stride', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='sliding-window stride (default: 2/3 of the crop, rounded up)')
+    p.add_argument('--test-scale', type=positive_int, nargs=2, default=None, metavar=('LONG', 'SHORT'),
+                   help="resize before inference, keeping aspect (default: the dataset's standard scale)")
+    p.add_argument('--aug-test', action='store_true', default=None,
+                   help=f'multi-scale ({", ".join(map(str, AUG_TEST_RATIOS))}) and flip test-time augmentation')
+    p.add_argument('--window-batch', type=positive_int, default=4, help='sliding windows run together')
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DIR', help='dataset root in the layout of --dataset')
@@ -44,16 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--split', default='val')
     p.add_argument('--model', default=None, choices=SEGMENTATION_BACKBONES, help="default: the checkpoint's backbone")
     p.add_argument('--checkpoint', required=True, help='segmentor checkpoint file or train_seg.py run directory')
-    p.add_argument('--mode', default='slide', choices=('whole', 'slide'))
-    p.add_argument('--crop-size', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
-                   help="sliding-window crop (default: the checkpoint's training crop, else 512 512)")
-    p.add_argument('--stride', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
-                   help='sliding-window stride (default: 2/3 of the crop, rounded up)')
-    p.add_argument('--test-scale', type=positive_int, nargs=2, default=None, metavar=('LONG', 'SHORT'),
-                   help="resize before inference, keeping aspect (default: the dataset's standard scale)")
-    p.add_argument('--aug-test', action='store_true',
-                   help=f'multi-scale ({", ".join(map(str, AUG_TEST_RATIOS))}) and flip test-time augmentation')
-    p.add_argument('--window-batch', type=positive_int, default=4, help='sliding windows run together')
+    add_inference_options(p)
     p.add_argument('--results-file', default='', help='write the metrics as JSON here')
     p.add_argument('--save-predictions', default='', metavar='DIR',
                    help="one index PNG per image, at the label's size, in the dataset's own label space")
@@ -145,6 +150,7 @@ def main(argv=None):
     class_names = contents.class_names or dataset.class_names
     model.to(device).eval()
     autocast = resolve_amp(args, device, training=False).autocast
+    args.mode = args.mode or 'slide'
 
     on_prediction = None
     if args.save_predictions or args.save_overlays:
@@ -176,7 +182,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     _logger.info('%s\n%d images in %.1f s', format_table(results), len(dataset), elapsed)
     results.update(checkpoint=contents.path, model=settings['model'], dataset=settings['dataset'], mode=args.mode,
-                   crop_size=list(crop_size), stride=list(stride), aug_test=args.aug_test, images=len(dataset),
+                   crop_size=list(crop_size), stride=list(stride), aug_test=bool(args.aug_test), images=len(dataset),
                    num_images=len(dataset))
     if args.results_file:
         write_results(args.results_file, results)

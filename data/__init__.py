@@ -10,5 +10,6 @@ from .sources import dataset_kind, open_split
 from .token_label import TokenLabelMixup, create_token_label_target, pack_sample_target
 from .transforms import LabelAwareRandAugment, TokenLabelTrainTransform
 from .seg_dataset import (ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_TRAIN_IDS, DATASET_KINDS,
-                          TEST_SCALES, SegmentationDataset, build_seg_dataset, seg_dataset_kind, seg_dataset_type)
+                          REDUCE_ZERO_LABEL, TEST_SCALES, SegmentationDataset, build_seg_dataset, seg_dataset_kind,
+                          seg_dataset_type)
 from .seg_transforms import SegEvalTransform, SegTrainTransform

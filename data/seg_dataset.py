@@ -57,6 +57,8 @@ DATASET_KINDS = ('ade20k', 'cityscapes', 'seg-folder')
 RENAMED_KINDS = {'folder': 'seg-folder'}
 # the test-time resize of each dataset's standard pipeline (long side, short side); None: as is
 TEST_SCALES = {'ade20k': (2048, 512), 'cityscapes': (2048, 1024), 'seg-folder': None}
+# ADE20K's label files store class k as k + 1 and 0 as "other" (ignored)
+REDUCE_ZERO_LABEL = {'ade20k': True, 'cityscapes': False, 'seg-folder': False}
 SPLITS = {'ade20k': {'train': 'training', 'val': 'validation'}, 'cityscapes': {'train': 'train', 'val': 'val'},
           'seg-folder': {'train': 'train', 'val': 'val'}}
 
@@ -204,11 +206,11 @@ def build_seg_dataset(kind: str, root: str, split: str, transform=None) -> Segme
     _require_dir(root, f'the {kind} dataset root')
     folder = SPLITS[kind].get(split, split)
     if kind == 'ade20k':
-        pairs, names, reduce_zero = ade20k_pairs(root, folder), ADE20K_CLASSES, True
+        pairs, names = ade20k_pairs(root, folder), ADE20K_CLASSES
     elif kind == 'cityscapes':
-        pairs, names, reduce_zero = cityscapes_pairs(root, folder), CITYSCAPES_CLASSES, False
+        pairs, names = cityscapes_pairs(root, folder), CITYSCAPES_CLASSES
     else:
-        pairs, names, reduce_zero = folder_pairs(root, folder), read_class_names(os.path.join(root, 'classes.txt')), False
+        pairs, names = folder_pairs(root, folder), read_class_names(os.path.join(root, 'classes.txt'))
     if not pairs:
         raise DataError(f'{root}: no images in the {folder} split of the {kind} layout')
-    return SegmentationDataset(pairs, names, transform, reduce_zero_label=reduce_zero, name=kind)
+    return SegmentationDataset(pairs, names, transform, reduce_zero_label=REDUCE_ZERO_LABEL[kind], name=kind)

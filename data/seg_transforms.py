@@ -153,9 +153,12 @@ class SegEvalTransform:
         self.scale, self.mean, self.std = (tuple(scale) if scale else None), mean, std
 
     def __call__(self, image, label):
+        return self.image(image), torch.from_numpy(np.array(label, dtype=np.int64))
+
+    def image(self, image):
+        """The normalised image alone (for images that have no label)."""
         image = _pil(image)
         if self.scale is not None:
             w, h = image.size
             image, _ = resize(image, None, keep_ratio_size(h, w, self.scale))
-        return to_tensor(np.asarray(image.convert('RGB')), self.mean, self.std), \
-            torch.from_numpy(np.array(label, dtype=np.int64))
+        return to_tensor(np.asarray(image.convert('RGB')), self.mean, self.std)

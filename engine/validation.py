@@ -69,7 +69,8 @@ def write_results(path, rows):
     else:
         rows = rows if isinstance(rows, list) else [rows]
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may differ (a row's top-k is shorter)
+        writer = csv.DictWriter(buffer, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
         text = buffer.getvalue()

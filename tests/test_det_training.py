@@ -16,6 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import predict
 import train_det
 import validate_det
 from data.coco import AspectRatioBatchSampler, CocoInstances
@@ -134,6 +135,47 @@ def test_the_trained_detector_scores_what_its_detections_say(coco, trained, tmp_
     evaluation.summarize()
     assert [metrics['bbox'][n] for n in COCO_STAT_NAMES] == pytest.approx([float(v) for v in evaluation.stats],
                                                                           abs=1e-9)
+
+
+def test_predict_finds_what_validate_det_finds_and_writes_a_coco_dataset(coco, trained, tmp_path, capsys):
+    """predict.py on the validation images alone: every detection validate_det.py saves, in a file
+    pycocotools reads as a dataset (file names, categories, scored annotations), rows and overlays."""
+    run, _ = trained
+    validate_det.main([coco, '--checkpoint', run, '-j', '0', '--save-results', str(tmp_path / 'val.json')])
+    rows = predict.main([os.path.join(coco, 'val2017'), '--checkpoint', run, '-j', '0', '--score-threshold', '0',
+                         '--topk', '3', '--save-results', str(tmp_path / 'found.json'), '--save-overlays',
+                         str(tmp_path / 'over'), '--results-file', str(tmp_path / 'rows.csv')])
+    gt = COCO(os.path.join(coco, 'annotations', 'instances_val2017.json'))
+    found = COCO(str(tmp_path / 'found.json'))
+    assert sorted(i['file_name'] for i in found.dataset['images']) == sorted(i['file_name'] for i in gt.dataset['images'])
+    assert all((i['width'], i['height']) == (gt.imgs[gt_id]['width'], gt.imgs[gt_id]['height'])
+               for gt_id, i in zip(sorted(gt.imgs, key=lambda k: gt.imgs[k]['file_name']),
+                                   sorted(found.dataset['images'], key=lambda i: i['file_name'])))
+    assert {c['id']: c['name'] for c in found.dataset['categories']} == {3: 'square', 7: 'disc', 12: 'diamond'}
+
+    def keyed(results, images):
+        return sorted((images[r['image_id']]['file_name'], r['category_id'], r['bbox'], r['score'],
+                       r['segmentation']['counts']) for r in results)
+    validated = json.load(open(tmp_path / 'val.json'))
+    assert validated and keyed(found.dataset['annotations'], found.imgs) == keyed(validated, gt.imgs)
+    assert len({a['id'] for a in found.dataset['annotations']}) == len(validated)
+    by_file = {os.path.basename(r['path']): r for r in rows}
+    for info in found.dataset['images']:
+        scores = sorted((a['score'] for a in found.imgToAnns[info['id']]), reverse=True)
+        row = by_file[info['file_name']]
+        assert row['detections'] == len(scores)  # threshold 0: every detection counts
+        assert [row.get(f'score_{k}') for k in (1, 2, 3)] == (scores[:3] + [None] * 3)[:3]
+        assert row.get('class_1') in (None, 'square', 'disc', 'diamond')
+    assert len((tmp_path / 'rows.csv').read_text().splitlines()) == 5
+    assert sorted(os.listdir(tmp_path / 'over')) == sorted(os.path.splitext(n)[0] + '.png' for n in by_file)
+
+    for argv, message in ((['--task', 'seg'], '--task seg: ' + os.path.join(run, 'model_best.pth.tar') + ' holds a '
+                                                                            'detector (--task det)'),
+                          (['--save-predictions', str(tmp_path / 'p')], '--save-predictions is for seg models')):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.cli([os.path.join(coco, 'val2017'), '--checkpoint', run, *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_torchrun_validation_gathers_every_image_once(coco, trained, tmp_path):

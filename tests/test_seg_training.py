@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+import predict
 import train_seg
 import validate_seg
+from data import ADE20K_CLASSES
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
 
@@ -96,6 +98,21 @@ def test_ade20k_train_resume_validate_and_rescore(ade, tmp_path, caplog):
     assert set(saved) >= {'mIoU', 'mAcc', 'aAcc', 'per_class'} and len(saved['per_class']) == 150
     assert saved['mIoU'] == pytest.approx(results['mIoU'])
     assert _rescore(tmp_path / 'pred', ade, 150, True, 'annotations/validation/*.png') == pytest.approx(results['mIoU'])
+
+    # predict.py on the same images, without their labels: the same maps, and rows that say what the maps hold
+    rows = predict.main([os.path.join(ade, 'images', 'validation'), '--checkpoint', run, '--crop-size', '32', '32',
+                         '--stride', '16', '16', '--test-scale', '64', '48', '-j', '0', '--topk', '2',
+                         '--save-predictions', str(tmp_path / 'predicted'), '--save-overlays', str(tmp_path / 'over')])
+    assert sorted(os.listdir(tmp_path / 'predicted')) == sorted(os.listdir(tmp_path / 'pred')) == \
+        sorted(os.listdir(tmp_path / 'over')) and len(rows) == 3
+    for row in rows:
+        name = os.path.splitext(os.path.basename(row['path']))[0] + '.png'
+        predicted = np.array(Image.open(tmp_path / 'predicted' / name))
+        np.testing.assert_array_equal(predicted, np.array(Image.open(tmp_path / 'pred' / name)))
+        counts = np.bincount(predicted.ravel() - 1, minlength=150)
+        assert row['index_1'] == int(counts.argmax()) and row['area_1'] == pytest.approx(counts.max() / counts.sum())
+        assert row['class_1'] == ADE20K_CLASSES[row['index_1']] and row['area_1'] >= row['area_2']
+        assert Image.open(tmp_path / 'over' / name).size == predicted.shape[::-1]
 
     # a saved prediction is the model's argmax at the label's size, +1 (ADE20K's own label space)
     validate_seg.main([ade, '--checkpoint', run, '--mode', 'whole', '--test-scale', '64', '48', '-j', '0',

@@ -237,6 +237,8 @@ class CheckpointContents(NamedTuple):
     train_args: Optional[dict]     # the training arguments (checkpoint's `args`, or the run's args.yaml)
     class_names: Optional[list]    # the training classes, in index order, when the checkpoint records them
     numerics: Optional[str] = None  # 'mindcv' for MindCV weights (models.numerics_kwargs builds for them)
+    task: Optional[str] = None     # 'segmentation' / 'detection' for train_seg.py / train_det.py checkpoints
+    label_to_category: Optional[list] = None  # a detector's dataset category id of each label (0: background)
 
 
 def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointContents:
@@ -254,9 +256,12 @@ def read_checkpoint(checkpoint_path: str, use_ema: bool = False) -> CheckpointCo
             with open(args_yaml) as f:
                 loaded = yaml.safe_load(f)
             train_args = loaded if isinstance(loaded, dict) else None
-    class_names = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
-    numerics = checkpoint.get('numerics') if isinstance(checkpoint, dict) else None
-    return CheckpointContents(path, state_dict, train_args, list(class_names) if class_names else None, numerics)
+    recorded = checkpoint if isinstance(checkpoint, dict) else {}
+    class_names = recorded.get('class_names')
+    label_to_category = recorded.get('label_to_category')
+    return CheckpointContents(path, state_dict, train_args, list(class_names) if class_names else None,
+                              recorded.get('numerics'), recorded.get('task'),
+                              list(label_to_category) if label_to_category else None)
 
 
 def check_finite(state_dict: Dict[str, torch.Tensor], path: str):
