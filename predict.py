@@ -44,13 +44,13 @@ from data.coco import detection_eval_transform
 from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, check_writable_folder,
                     resolve_amp, save_image, select_device, write_atomically, write_results)
 from models.detection import detector_settings, inference_size
-from models.segmentation import SEGMENTATION_BACKBONES, size_divisor
+from models.segmentation import SEGMENTATION_BACKBONES
 from utils import CheckpointError, read_checkpoint
 from utils.cli import PartialFailure, UsageError, run_cli
 from utils.config import positive_int
 from utils.det_metrics import detections_to_coco
 from utils.log import log_to_file, setup_logging
-from utils.seg_inference import AUG_TEST_RATIOS, check_window, default_stride, predict_scores
+from utils.seg_inference import AUG_TEST_RATIOS, predict_scores
 from validate import add_model_options, build_classifier
 
 _logger = logging.getLogger('predict')
@@ -209,12 +209,7 @@ def segment(args, contents, paths, device, autocast):
     """Label maps at each image's size: argmax of validate_seg.py's scores (same test scale, mode,
     crop, stride and test-time augmentation)."""
     settings = validate_seg.resolve_settings(args, contents)
-    crop_size = tuple(settings['crop_size'])
-    stride = tuple(args.stride) if args.stride else default_stride(crop_size)
-    try:
-        check_window(crop_size, stride, size_divisor(settings['model']))
-    except ValueError as e:
-        raise UsageError(f'--crop-size / --stride: {e}') from None
+    crop_size, stride = validate_seg.resolve_window(args, settings)
     model = validate_seg.build_from_checkpoint(contents, settings['model'], crop_size).to(device).eval()
     kind = settings['dataset']
     names = contents.class_names or SEG_CLASS_NAMES.get(kind)

@@ -105,6 +105,18 @@ def resolve_settings(args, contents):
     return settings
 
 
+def resolve_window(args, settings):
+    """(crop, stride) of the sliding window: the resolved crop, --stride or 2/3 of the crop; checked
+    against the backbone's size divisor."""
+    crop_size = tuple(settings['crop_size'])
+    stride = tuple(args.stride) if args.stride else default_stride(crop_size)
+    try:
+        check_window(crop_size, stride, size_divisor(settings['model']))
+    except ValueError as e:
+        raise UsageError(f'--crop-size / --stride: {e}') from None
+    return crop_size, stride
+
+
 def build_from_checkpoint(contents, model_name, crop_size):
     """A segmentor shaped as the checkpoint: class count and head widths from its decode and
     auxiliary heads."""
@@ -134,13 +146,7 @@ def main(argv=None):
     device = select_device(args.device)
     contents = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
     settings = resolve_settings(args, contents)
-    crop_size = tuple(settings['crop_size'])
-    stride = tuple(args.stride) if args.stride else default_stride(crop_size)
-
-    try:
-        check_window(crop_size, stride, size_divisor(settings['model']))
-    except ValueError as e:
-        raise UsageError(f'--crop-size / --stride: {e}') from None
+    crop_size, stride = resolve_window(args, settings)
     model = build_from_checkpoint(contents, settings['model'], crop_size)
     test_scale = tuple(args.test_scale) if args.test_scale else TEST_SCALES[settings['dataset']]
     dataset = build_seg_dataset(settings['dataset'], args.data, args.split, SegEvalTransform(test_scale))
