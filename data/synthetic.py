@@ -93,3 +93,24 @@ def make_shapes_dataset(root, num_classes=4, train_per_class=64, val_per_class=1
     with open(done_marker, 'w') as f:
         f.write('ok\n')
     return root
+
+
+def object_scenes(count, size=64, token_stride=16, generator=None):
+    """Scenes for dense prediction: dim noise with one square object, class 1 (red) or 2 (blue), of
+    side size/4 to size/2 placed anywhere. Returns images (count, 3, size, size) in [0, 1], per-token
+    targets (count, size / token_stride, size / token_stride): the object's class where it covers
+    the token's centre, else 0 (background), and the image classes (count,)."""
+    grid = size // token_stride
+    images = torch.rand(count, 3, size, size, generator=generator) * 0.3
+    tokens = torch.zeros(count, grid, grid, dtype=torch.long)
+    classes = torch.randint(1, 3, (count,), generator=generator)
+    centres = torch.arange(grid) * token_stride + token_stride // 2
+    for i in range(count):
+        side = int(torch.randint(size // 4, size // 2 + 1, (1,), generator=generator))
+        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
+        images[i, :, y:y + side, x:x + side] = 0.1
+        images[i, 0 if classes[i] == 1 else 2, y:y + side, x:x + side] = 1.0
+        rows = (centres >= y) & (centres < y + side)
+        cols = (centres >= x) & (centres < x + side)
+        tokens[i][rows[:, None] & cols[None, :]] = classes[i]
+    return images, tokens, classes

@@ -1,13 +1,18 @@
-"""tools/visualize.py: the maps are the model's own (shapes, sums, the class attention reproduces
-the block's output) and the command writes pictures that decode."""
+"""tools/visualize.py: the maps are the model's own (shapes, sums, the attention weights reproduce
+their blocks' outputs, the class activation map is Grad-CAM computed here by hand), a model trained
+here finds its object where it is, and the command writes pictures that decode."""
 import os
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import models
-from tools import visualize
+from data.synthetic import object_scenes
+from models.volo import VOLO
+from tools import doc_pictures, visualize
 
 
 @pytest.fixture(scope='module')
@@ -50,16 +55,126 @@ def test_dense_prediction_is_per_token_probabilities(model):
         assert torch.allclose(overall, model(image[None]).softmax(-1)[0], atol=1e-6)
 
 
-def test_the_command_writes_three_pictures(model, tmp_path):
-    torch.save({'state_dict': model.state_dict()}, tmp_path / 'w.pth')
+@pytest.fixture(scope='module')
+def visformer():
+    torch.manual_seed(0)
+    return models.visformer_small(img_size=64, num_classes=4).eval()
+
+
+def test_visformer_attention_is_the_blocks_own(visformer):
+    image = torch.randn(3, 64, 96)
+    maps = visualize.visformer_attention(visformer, image, at=(1, 2))
+    assert [name for name, _, _ in maps] == [f'stage{s}.{i}' for s in (2, 3) for i in range(4)]
+    assert [tuple(w.shape) for _, w, _ in maps] == [(6, 4, 6)] * 4 + [(6, 2, 3)] * 4
+    assert [q for _, _, q in maps] == [(3, 5)] * 4 + [(1, 2)] * 4  # the finer grid's cell under the query's centre
+    captured = visualize._capture_inputs(visformer, type(visformer.stage3[0].attn), lambda: visformer(image[None]))
+    for (name, weights, (r, c)), (module, x) in zip(maps, captured):
+        assert torch.allclose(weights.sum((1, 2)), torch.ones(6)) and (weights >= 0).all()
+        h, w = x.shape[2:]  # the weights applied to v through proj give the block's output at the query
+        with torch.no_grad():
+            v = module.qkv(x).reshape(1, 3, module.num_heads, module.head_dim, h * w)[0, 2]
+            gathered = (v * weights.reshape(module.num_heads, 1, h * w)).sum(-1).reshape(1, -1, 1, 1)
+            assert torch.allclose(module.proj(gathered)[0, :, 0, 0], module(x)[0, :, r, c], rtol=1e-4, atol=1e-4), name
+    with pytest.raises(ValueError, match="outside the last attention stage's 2x3 grid"):
+        visualize.visformer_attention(visformer, image, at=(2, 0))
+
+
+def _grad_cam_by_hand(model, layer, image, class_index, grid):
+    """Grad-CAM written out: the layer's activations and the class score's gradients, weights = the
+    gradients' mean over the map, ReLU of the weighted sum, scaled to [0, 1], bilinear to the image
+    size, scaled to [0, 1]."""
+    saved = {}
+    hook = layer.register_forward_hook(lambda module, inputs, output: saved.update(out=output))
+    try:
+        score = model(image[None])[0, class_index]
+    finally:
+        hook.remove()
+    activations = saved['out']
+    gradients, = torch.autograd.grad(score, activations)
+    if activations.dim() == 3:  # VOLO's tokens (1, N, C), row-major on the grid
+        activations, gradients = (t.reshape(1, *grid, -1).permute(0, 3, 1, 2) for t in (activations, gradients))
+    weights = gradients.mean((2, 3), keepdim=True)
+    cam = (weights * activations).sum(1).clamp(min=0)[0].detach()
+    scaled = F.interpolate(_unit_range(cam)[None, None], size=image.shape[1:], mode='bilinear', align_corners=False)
+    return _unit_range(scaled[0, 0])  # again: the cells' centres, where the peak lies, fall between pixels
+
+
+def _unit_range(x):
+    return (x - x.min()) / (x.max() - x.min() + 1e-7)
+
+
+@pytest.mark.parametrize('which', ['volo', 'visformer'])
+def test_class_activation_map_is_grad_cam(model, visformer, which):
+    net = model if which == 'volo' else visformer
+    torch.manual_seed(1)
+    image = torch.randn(3, 64, 96)
+    heat, top = visualize.class_activation_map(net, image)
+    with torch.no_grad():
+        assert top == int(net(image[None]).argmax())
+    layer = visualize.cam_layer(net)
+    assert layer is (model.network[-1][-1] if which == 'volo' else visformer.stage3[-1])
+    for class_index in (top, (top + 1) % 4):
+        heat, used = visualize.class_activation_map(net, image, class_index)
+        expected = _grad_cam_by_hand(net, layer, image, class_index, (4, 6))
+        assert used == class_index and heat.shape == (64, 96)
+        assert float(heat.min()) >= 0 and float(heat.max()) <= 1 + 1e-6 and float(heat.max()) > 0.99
+        assert torch.allclose(heat, expected, atol=1e-4), (which, class_index)
+
+
+def test_a_model_trained_here_finds_its_object_in_the_corner():
+    """The marker test: a small VOLO trained here (class head and aux_head) on objects placed
+    anywhere; an image whose only object is in the top-left corner gets the object's class there in
+    the dense map, background in the far corner, and a class activation map brighter there."""
+    torch.manual_seed(0)
+    net = VOLO(layers=[1, 1, 1, 1], img_size=64, num_classes=3, stem_hidden_dim=16, embed_dims=[32, 64, 64, 64],
+               num_heads=[2, 4, 4, 4], mlp_ratios=[2, 2, 2, 2], downsamples=[True, False, False, False],
+               outlook_attention=[True, False, False, False], post_layers=['ca', 'ca'])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(80):
+        images, tokens, classes = object_scenes(16, generator=generator)
+        features = net.forward_features(images)
+        loss = F.cross_entropy(net.forward_head(features), classes) + \
+            F.cross_entropy(net.aux_head(features[:, 1:]).reshape(-1, 3), tokens.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    for object_class, channel in ((1, 0), (2, 2)):
+        image = torch.rand(3, 64, 64, generator=generator) * 0.3
+        image[:, :24, :24] = 0.1
+        image[channel, :24, :24] = 1.0
+        dense, overall = visualize.dense_prediction(net, image)
+        label = dense.argmax(-1)
+        assert label[0, 0] == object_class and label[3, 3] == 0 and label[0, 3] == 0 and label[3, 0] == 0, label
+        assert int(overall.argmax()) == object_class
+        heat, _ = visualize.class_activation_map(net, image, object_class)
+        assert heat[:16, :16].mean() > heat[48:, 48:].mean()
+
+
+def test_the_command_writes_the_pictures_of_each_family(model, visformer, tmp_path, capsys):
     Image.fromarray((torch.rand(80, 100, 3) * 255).byte().numpy()).save(tmp_path / 'img.png')
-    written = visualize.main([str(tmp_path / 'img.png'), '--checkpoint', str(tmp_path / 'w.pth'), '--model', 'volo_d1',
-                              '--img-size', '64', '--out', str(tmp_path / 'pics'), '--at', '1', '2'])
-    assert [os.path.basename(p) for p in written] == ['outlook_attention.png', 'class_attention.png',
-                                                      'dense_prediction.png']
-    for path in written:
-        with Image.open(path) as picture:
-            assert picture.size[0] > 200 and picture.size[1] > 100
+    for name, net, expected in (('volo_d1', model, ['outlook_attention.png', 'class_attention.png',
+                                                    'dense_prediction.png', 'class_activation.png']),
+                                ('visformer_small', visformer, ['visformer_attention.png', 'class_activation.png'])):
+        torch.save({'state_dict': net.state_dict()}, tmp_path / f'{name}.pth')
+        written = visualize.main([str(tmp_path / 'img.png'), '--checkpoint', str(tmp_path / f'{name}.pth'),
+                                  '--model', name, '--img-size', '64', '--out', str(tmp_path / name), '--at', '1', '1'])
+        assert [os.path.basename(p) for p in written] == expected
+        for path in written:
+            with Image.open(path) as picture:
+                assert picture.size[0] > 200 and picture.size[1] > 100
+                assert np.asarray(picture.convert('L')).std() > 10  # something is drawn
+    checkpoint = str(tmp_path / 'volo_d1.pth')
+    for argv, message in ((['--block', '1', '0'], 'block (1, 0) is not an outlooker block'),
+                          (['--at', '9', '0'], '--at 9 0 is outside block (0, 0)\'s 4x4 pooled grid'),
+                          (['--cam-class', '7'], "class 7 is outside the model's 4 classes")):
+        with pytest.raises(SystemExit) as exit_info:
+            visualize.cli([str(tmp_path / 'img.png'), '--checkpoint', checkpoint, '--model', 'volo_d1',
+                           '--img-size', '64', '--out', str(tmp_path / 'x'), *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_token_label_maps_name_the_class_of_the_generated_object(shapes, tmp_path):
@@ -75,3 +190,17 @@ def test_token_label_maps_name_the_class_of_the_generated_object(shapes, tmp_pat
                                 ['a', 'b', 'c'], str(tmp_path / 't.png'))
     with Image.open(tmp_path / 't.png') as picture:
         assert picture.size[0] > 300
+
+
+def test_the_doc_pictures_script_draws_every_picture(tmp_path):
+    written = doc_pictures.main(['--out', str(tmp_path), '--steps', '2'])
+    assert sorted(os.path.relpath(p, tmp_path) for p in written) == sorted(
+        ['volo/outlook_attention.png', 'volo/class_attention.png', 'volo/dense_prediction.png',
+         'volo/class_activation.png', 'visformer/visformer_attention.png', 'visformer/class_activation.png'])
+    documented = open(os.path.join(os.path.dirname(__file__), '..', 'docs', 'pictures.md')).read()
+    for path in written + [str(tmp_path / 'scene.png')]:
+        assert f'(pictures/{os.path.relpath(path, tmp_path)})' in documented
+        assert os.path.isfile(os.path.join(os.path.dirname(__file__), '..', 'docs', 'pictures',
+                                           os.path.relpath(path, tmp_path)))
+        with Image.open(path) as picture:
+            picture.verify()
