@@ -21,5 +21,5 @@ def test_notebook_runs_top_to_bottom(path):
                    resources={'metadata': {'path': os.path.dirname(path)}}).execute()  # raises on a failing cell
     outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
     assert not [o for o in outputs if o.get('output_type') == 'error']
-    assert sum('image/png' in o.get('data', {}) for o in outputs) == 3  # the three pictures were drawn
+    assert sum('image/png' in o.get('data', {}) for o in outputs) == 4  # the four pictures were drawn
     assert any('largest difference to PyTorch' in o.get('text', '') for o in outputs)
