@@ -21,7 +21,7 @@ from data import DataError
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
 from tests.test_tracking import wandb_history, wandb_records
-from tests.training_runs import FAST
+from tests.training_runs import FAST_D1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG_FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
@@ -53,7 +53,7 @@ def torchrun_with_nan_on_rank_1(tmp_path, script, args):
 @pytest.mark.parametrize('script', ['main.py', 'train_seg.py'])
 def test_nan_on_one_rank_stops_every_rank_with_one_line(shapes, seg_data, tmp_path, script):
     if script == 'main.py':
-        args = [shapes, *FAST, '-b', '4', '--epochs', '2', '--output', str(tmp_path / 'out')]
+        args = [shapes, *FAST_D1, '-b', '4', '--epochs', '2', '--output', str(tmp_path / 'out')]
         where = 'epoch 0, step 1'
     else:
         args = [seg_data, '--dataset', 'seg-folder', *SEG_FAST, '--iters', '4', '--eval-interval', '0',

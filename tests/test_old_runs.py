@@ -20,7 +20,7 @@ import validate
 import validate_seg
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
-from tests.training_runs import FAST, run_fast
+from tests.training_runs import FAST_D1, run_fast
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE_ENGINE = '149d415ae1a4b94169a2b2756ae914f0439384ef'
@@ -51,13 +51,13 @@ def run_old(old_code, script, *args):
 def test_a_classification_run_from_before_resumes_and_validates(old_code, shapes, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     out = tmp_path / 'out'
-    run_old(old_code, 'main.py', shapes, *FAST, '--output', out, '--epochs', '1')
+    run_old(old_code, 'main.py', shapes, *FAST_D1, '--output', out, '--epochs', '1')
     [run] = glob.glob(str(out / 'train' / '*'))
     old_checkpoint = tmp_path / 'old_last.pth.tar'
     shutil.copy(os.path.join(run, 'last.pth.tar'), old_checkpoint)
     old_rows = read_summary(os.path.join(run, 'summary.csv'))
 
-    assert run_fast(shapes, out, '--epochs', '2', '--resume', 'auto') == run
+    assert run_fast(shapes, out, '--model', 'volo_d1', '--epochs', '2', '--resume', 'auto') == run  # the old run's model
     assert 'continuing at epoch 1' in caplog.text
     rows = read_summary(os.path.join(run, 'summary.csv'))
     assert [r['epoch'] for r in rows] == ['0', '1'] and rows[0] == old_rows[0]

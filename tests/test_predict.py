@@ -23,7 +23,8 @@ def run(shapes, tmp_path_factory):
     class-token features of the validation images; the token head zeroed), so that the predictions
     vary from image to image: a 1-epoch run predicts one class everywhere, which a wrong row order or
     crop would agree with as well."""
-    run = run_fast(shapes, tmp_path_factory.mktemp('predict_runs'), '--epochs', '1')
+    # volo_d1: the MindSpore .ckpt below needs a VOLO that MindCV has
+    run = run_fast(shapes, tmp_path_factory.mktemp('predict_runs'), '--model', 'volo_d1', '--epochs', '1')
     path = os.path.join(run, 'model_best.pth.tar')
     checkpoint = torch.load(path, map_location='cpu', weights_only=False)
     model = models.volo_d1(img_size=32, num_classes=3)

@@ -85,9 +85,10 @@ def test_validate_finetune_and_initial_checkpoint_read_safetensors(checkpoint, s
     from_st = validate.main([shapes, '--checkpoint', out, '-b', '8', '-j', '0'])[0]
     assert (from_st['model'], from_st['img_size']) == ('volo_d1', 32)  # from the metadata
     assert from_st['top1'] == from_pth['top1'] and from_st['loss'] == pytest.approx(from_pth['loss'])
-    run = run_fast(shapes, tmp_path / 'a', '--epochs', '1', '--initial-checkpoint', out, '--num-classes', '3')
+    run = run_fast(shapes, tmp_path / 'a', '--model', 'volo_d1', '--epochs', '1', '--initial-checkpoint', out,
+                   '--num-classes', '3')
     assert os.path.isfile(os.path.join(run, 'last.pth.tar'))
-    run = run_fast(shapes, tmp_path / 'b', '--epochs', '1', '--finetune', out, '--num-classes', '3')
+    run = run_fast(shapes, tmp_path / 'b', '--model', 'volo_d1', '--epochs', '1', '--finetune', out, '--num-classes', '3')
     assert os.path.isfile(os.path.join(run, 'last.pth.tar'))
 
 

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -153,11 +154,14 @@ def test_a_model_trained_here_finds_its_object_in_the_corner():
         assert heat[:16, :16].mean() > heat[48:, 48:].mean()
 
 
-def test_the_command_writes_the_pictures_of_each_family(model, visformer, tmp_path, capsys):
+def test_the_command_writes_the_pictures_of_each_family(tmp_path, capsys):
     Image.fromarray((torch.rand(80, 100, 3) * 255).byte().numpy()).save(tmp_path / 'img.png')
-    for name, net, expected in (('volo_d1', model, ['outlook_attention.png', 'class_attention.png',
-                                                    'dense_prediction.png', 'class_activation.png']),
-                                ('visformer_small', visformer, ['visformer_attention.png', 'class_activation.png'])):
+    torch.manual_seed(0)
+    volo_test = timm.create_model('volo_test', img_size=64, num_classes=4)  # tests/tiny_volo.py
+    for name, net, expected in (('volo_test', volo_test, ['outlook_attention.png', 'class_attention.png',
+                                                          'dense_prediction.png', 'class_activation.png']),
+                                ('visformer_tiny', models.visformer_tiny(img_size=64, num_classes=4),
+                                 ['visformer_attention.png', 'class_activation.png'])):
         torch.save({'state_dict': net.state_dict()}, tmp_path / f'{name}.pth')
         written = visualize.main([str(tmp_path / 'img.png'), '--checkpoint', str(tmp_path / f'{name}.pth'),
                                   '--model', name, '--img-size', '64', '--out', str(tmp_path / name), '--at', '1', '1'])
@@ -166,12 +170,12 @@ def test_the_command_writes_the_pictures_of_each_family(model, visformer, tmp_pa
             with Image.open(path) as picture:
                 assert picture.size[0] > 200 and picture.size[1] > 100
                 assert np.asarray(picture.convert('L')).std() > 10  # something is drawn
-    checkpoint = str(tmp_path / 'volo_d1.pth')
+    checkpoint = str(tmp_path / 'volo_test.pth')
     for argv, message in ((['--block', '1', '0'], 'block (1, 0) is not an outlooker block'),
                           (['--at', '9', '0'], '--at 9 0 is outside block (0, 0)\'s 4x4 pooled grid'),
                           (['--cam-class', '7'], "class 7 is outside the model's 4 classes")):
         with pytest.raises(SystemExit) as exit_info:
-            visualize.cli([str(tmp_path / 'img.png'), '--checkpoint', checkpoint, '--model', 'volo_d1',
+            visualize.cli([str(tmp_path / 'img.png'), '--checkpoint', checkpoint, '--model', 'volo_test',
                            '--img-size', '64', '--out', str(tmp_path / 'x'), *argv])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
