@@ -71,9 +71,11 @@ def test_conventions_of_every_model(name):
         assert [m.shape[1] for m in maps] == [i['num_chs'] for i in model.feature_info]
         assert [SIZE // m.shape[-1] for m in maps] == [i['reduction'] for i in model.feature_info]
 
-        # graphs: torch.fx (no notrace lists needed) and TorchScript
-        assert torch.fx.symbolic_trace(model)(x).shape == (2, NUM_CLASSES)
-        assert torch.jit.script(model)(x).shape == (2, NUM_CLASSES)
+        # graphs: torch.fx (no notrace lists needed) and TorchScript, once per code path (the variants of a
+        # family differ in depth and width only; timm's own tests leave its big models out of these too)
+        if name in NUMERIC:
+            assert torch.fx.symbolic_trace(model)(x).shape == (2, NUM_CLASSES)
+            assert torch.jit.script(model)(x).shape == (2, NUM_CLASSES)
 
         model.reset_classifier(0)
         assert model.num_classes == 0 and model(x).shape == (2, model.head_hidden_size)
