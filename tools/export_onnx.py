@@ -19,14 +19,17 @@ import models  # noqa: F401
 from utils import load_pretrained_weights
 
 
-def export(model, img_size, path, opset=17, batch=2):
-    """Export `model` (eval) and return (onnx opset, max abs difference to PyTorch on random input)."""
+def export(model, img_size, path, opset=17, batch=2, optimize=True):
+    """Export `model` (eval) and return (onnx opset, max abs difference to PyTorch on random input).
+    optimize=False skips the exporter's graph optimisation (constant folding and the like), most of
+    the export's time on a CPU; onnxruntime optimises the graph again when it loads it."""
     import onnx
     import onnxruntime as ort
     model = model.eval()
     x = torch.randn(batch, 3, img_size, img_size)
     with torch.no_grad():
-        torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['images'], output_names=['logits'])
+        torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['images'], output_names=['logits'],
+                          optimize=optimize)
         expected = model(x).numpy()
     graph = onnx.load(path)
     version = max(o.version for o in graph.opset_import if o.domain in ('', 'ai.onnx'))
@@ -44,6 +47,7 @@ def main(argv=None):
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--opset', type=int, default=17)
     p.add_argument('--out', required=True)
+    p.add_argument('--no-optimize', action='store_true', help="skip the exporter's graph optimisation (faster)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
@@ -51,7 +55,7 @@ def main(argv=None):
     if args.checkpoint:
         load_pretrained_weights(model, args.checkpoint)
     start = time.perf_counter()
-    version, diff = export(model, args.img_size, args.out, args.opset)
+    version, diff = export(model, args.img_size, args.out, args.opset, optimize=not args.no_optimize)
     print(f'{args.out}: opset {version}, max |onnxruntime - torch| = {diff:.2e} '
           f'({time.perf_counter() - start:.0f} s)')
     return diff
