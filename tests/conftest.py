@@ -11,7 +11,7 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 
 import pytest  # noqa: E402
 
-import tests.tiny_volo  # noqa: E402,F401  registers volo_test, the training runs' small VOLO
+import tests.small_models  # noqa: E402,F401  registers volo_test, the training runs' small VOLO
 
 
 @pytest.fixture(scope='session')

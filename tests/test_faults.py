@@ -46,7 +46,7 @@ def _epochs(run):
 KILL_BEFORE_RENAME = '''
 import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
-import tests.tiny_volo  # registers volo_test, the model of FAST
+import tests.small_models  # registers volo_test, the model of FAST
 real = os.replace
 def replace(src, dst, *a, **k):
     if dst.endswith('.pth.tar') and os.environ['KILL_AT'] in open(os.path.join(os.path.dirname(dst), 'train.log')).read():

@@ -157,7 +157,7 @@ def test_a_model_trained_here_finds_its_object_in_the_corner():
 def test_the_command_writes_the_pictures_of_each_family(tmp_path, capsys):
     Image.fromarray((torch.rand(80, 100, 3) * 255).byte().numpy()).save(tmp_path / 'img.png')
     torch.manual_seed(0)
-    volo_test = timm.create_model('volo_test', img_size=64, num_classes=4)  # tests/tiny_volo.py
+    volo_test = timm.create_model('volo_test', img_size=64, num_classes=4)  # tests/small_models.py
     for name, net, expected in (('volo_test', volo_test, ['outlook_attention.png', 'class_attention.png',
                                                           'dense_prediction.png', 'class_activation.png']),
                                 ('visformer_tiny', models.visformer_tiny(img_size=64, num_classes=4),

@@ -1,4 +1,4 @@
-"""Small training runs for the tests: volo_test (tests/tiny_volo.py: VOLO-D1's code paths, 1% of its
+"""Small training runs for the tests: volo_test (tests/small_models.py: VOLO-D1's code paths, 1% of its
 weights) at 32 px (2x2 tokens), 3 steps an epoch. Runs in another process use FAST_D1: volo_test is
 registered in the test processes only."""
 import main as train_script
