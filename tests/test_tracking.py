@@ -5,6 +5,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -41,6 +42,22 @@ def wandb_records(path):
     return records
 
 
+def wandb_file_records(run, history_rows, timeout=60):
+    """(the run's .wandb files, the records of the one) once it holds `history_rows` history rows,
+    or after `timeout` seconds: wandb's own core process writes the file, so a slow flush on a busy
+    machine is waited for, not read as a missing row."""
+    deadline = time.time() + timeout
+    while True:
+        files = glob.glob(os.path.join(run, 'wandb', 'offline-run-*', 'run-*.wandb'))
+        try:
+            records = wandb_records(files[0]) if len(files) == 1 else []
+        except Exception:  # noqa: BLE001 - a record still being written fails to parse
+            records = []
+        if len(wandb_history(records)) >= history_rows or time.time() > deadline:
+            return files, records
+        time.sleep(0.2)
+
+
 def wandb_history(records):
     return [{item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
             for r in records if r.WhichOneof('record_type') == 'history']
@@ -66,9 +83,8 @@ def test_wandb_offline_and_tensorboard_hold_the_summary(shapes, tmp_path, monkey
     for name in ('train/lr', 'train/images_per_s', 'train/data_time'):
         assert len(events.Scalars(name)) == 6
 
-    files = glob.glob(os.path.join(run, 'wandb', 'offline-run-*', 'run-*.wandb'))
+    files, records = wandb_file_records(run, history_rows=8)  # 3 steps, a row, 3 steps, a row
     assert len(files) == 1
-    records = wandb_records(files[0])
     history = wandb_history(records)
     epochs = [h for h in history if 'epoch/epoch' in h]
     assert len(epochs) == 2
