@@ -5,8 +5,6 @@ import copy
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from data.coco import AspectRatioBatchSampler, CocoInstances
 from data.synthetic_det import make_coco_dataset
 from engine.summary import read_summary
 from models.detection import build_detector, detector_settings, position_grid_size
+from tests.forked_ranks import run_ranks
 from utils.det_metrics import COCO_STAT_NAMES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,16 +177,14 @@ def test_predict_finds_what_validate_det_finds_and_writes_a_coco_dataset(coco, t
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_torchrun_validation_gathers_every_image_once(coco, trained, tmp_path):
+def test_two_process_validation_gathers_every_image_once(coco, trained, tmp_path):
     run, _ = trained
     single = validate_det.main([coco, '--checkpoint', run, '-j', '0', '-b', '1', '--save-results', str(tmp_path / 'one.json')])
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           os.path.join(REPO, 'validate_det.py'), coco, '--checkpoint', run, '-j', '0', '-b', '1',
-           '--results-file', str(tmp_path / 'two.json'), '--save-results', str(tmp_path / 'two_det.json')]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert 'Process 1 of 2 on cpu' in done.stdout + done.stderr
+    argv = [coco, '--checkpoint', run, '-j', '0', '-b', '1', '--results-file', str(tmp_path / 'two.json'),
+            '--save-results', str(tmp_path / 'two_det.json')]
+    ranks = run_ranks(lambda: validate_det.cli(argv), tmp_path / 'logs')
+    assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    assert 'Process 1 of 2 on cpu' in ranks[1][1]
     two = json.load(open(tmp_path / 'two.json'))
     assert two['images'] == 4 and two['detections'] == single['detections']
     for kind in ('bbox', 'segm'):  # the same numbers (float noise between processes aside)
@@ -200,15 +197,13 @@ def test_torchrun_validation_gathers_every_image_once(coco, trained, tmp_path):
         assert len(scores[0]) == len(scores[1]) and np.allclose(scores[0], scores[1], atol=1e-3), image_id
 
 
-def test_distributed_train_sh_runs_train_det(coco, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable)
-    cmd = [os.path.join(REPO, 'distributed_train.sh'), '2', '--script', 'train_det.py', coco, *FAST, '--epochs', '1',
-           '--lr-steps', '--output', str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    assert 'Process 1 of 2 on cpu' in log and 'Evaluation after epoch 0 (4 images)' in log
-    assert '2 iterations an epoch' in log  # 3 wide + 2 tall images: 2 + 1 batches of 2, over 2 processes
+def test_two_processes_train_and_evaluate(coco, tmp_path):
+    """train_det.py as two ranks (tests/forked_ranks.py: what torchrun gives each process)."""
+    argv = [coco, *FAST, '--epochs', '1', '--lr-steps', '--output', str(tmp_path)]
+    ranks = run_ranks(lambda: train_det.cli(argv), tmp_path / 'logs')
+    assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    assert 'Process 1 of 2 on cpu' in ranks[1][1] and 'Evaluation after epoch 0 (4 images)' in ranks[0][1]
+    assert '2 iterations an epoch' in ranks[0][1]  # 3 wide + 2 tall images: 2 + 1 batches of 2, over 2 processes
     assert len(glob.glob(str(tmp_path / 'train_det' / '*' / 'model_best.pth.tar'))) == 1
 
 

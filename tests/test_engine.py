@@ -5,8 +5,6 @@ import glob
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,10 +18,11 @@ import validate_seg
 from data import DataError
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
+from loss import SegmentationLoss, TokenLabelCrossEntropy
+from tests.forked_ranks import run_ranks
 from tests.test_tracking import wandb_history, wandb_records
-from tests.training_runs import FAST_D1
+from tests.training_runs import FAST
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG_FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
             '--log-interval', '1', '--head-channels', '32', '--aux-channels', '16', '--drop-path', '0']
 SEG_COLUMNS = ('train_loss', 'lr', 'eval_mIoU', 'eval_mAcc', 'eval_aAcc')
@@ -35,37 +34,44 @@ def seg_data(tmp_path_factory):
                             size=(48, 48))
 
 
-def torchrun_with_nan_on_rank_1(tmp_path, script, args):
-    """Two gloo processes of `script` whose rank 1 gets a NaN loss at its second step; returns
-    (torchrun's exit code, {rank: that process's stderr})."""
-    logs = tmp_path / 'logs'
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           '--log-dir', str(logs), '--redirects', '3', os.path.join(REPO, 'tests', 'nan_on_one_rank.py'),
-           os.path.join(REPO, script), *args]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    per_rank = {int(os.path.basename(os.path.dirname(p))): open(p).read()
-                for p in glob.glob(str(logs / '**' / 'stderr.log'), recursive=True)}
-    assert set(per_rank) == {0, 1}, done.stdout[-2000:] + done.stderr[-2000:]
-    return done.returncode, per_rank
+def poison_second_loss_on_rank_1():
+    """Rank 1's training loss turns NaN at its second step (the losses' forward is wrapped in this
+    process only)."""
+    rank = int(os.environ['RANK'])
+    for cls in (TokenLabelCrossEntropy, SegmentationLoss):
+        forward, calls = cls.forward, [0]
+
+        def wrapped(self, *args, _forward=forward, _calls=calls, **kwargs):
+            out = _forward(self, *args, **kwargs)
+            _calls[0] += 1
+            if rank == 1 and _calls[0] == 2:
+                out = (out[0] * float('nan'), *out[1:]) if isinstance(out, tuple) else out * float('nan')
+            return out
+
+        cls.forward = wrapped
 
 
 @pytest.mark.parametrize('script', ['main.py', 'train_seg.py'])
 def test_nan_on_one_rank_stops_every_rank_with_one_line(shapes, seg_data, tmp_path, script):
     if script == 'main.py':
-        args = [shapes, *FAST_D1, '-b', '4', '--epochs', '2', '--output', str(tmp_path / 'out')]
+        cli, args = train_script.cli, [shapes, *FAST, '-b', '4', '--epochs', '2', '--output', str(tmp_path / 'out')]
         where = 'epoch 0, step 1'
     else:
+        cli = train_seg.cli
         args = [seg_data, '--dataset', 'seg-folder', *SEG_FAST, '--iters', '4', '--eval-interval', '0',
                 '--output', str(tmp_path / 'out')]
         where = 'iteration 1'
-    code, per_rank = torchrun_with_nan_on_rank_1(tmp_path, script, args)
-    assert code != 0
-    for rank, text in per_rank.items():
+
+    def rank():
+        poison_second_loss_on_rank_1()
+        cli(args)
+
+    for code, text in run_ranks(rank, tmp_path / 'logs'):
+        assert code != 0
         errors = [line for line in text.splitlines() if line.startswith('ERROR')]
-        assert len(errors) == 1, (rank, text[-3000:])
+        assert len(errors) == 1, text[-3000:]
         assert re.fullmatch(rf'ERROR: non-finite loss rank 1 \(nan\) at {where}: stopping\..*', errors[0]), errors
-        assert 'Traceback' not in text and 'Connection' not in text, (rank, text[-3000:])
+        assert 'Traceback' not in text and 'Connection' not in text, text[-3000:]
 
 
 def test_a_failed_evaluation_keeps_the_trained_iterations(seg_data, tmp_path, caplog):

@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from data import ADE20K_CLASSES
 from tools import cityscapes_train_ids
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
+from tests.forked_ranks import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
@@ -268,18 +267,13 @@ def test_bad_validation_arguments_are_clear_errors(folder, ade, tmp_path, caplog
     assert 'not a segmentor checkpoint' in caplog.text
 
 
-def test_distributed_train_sh_runs_train_seg(folder, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable)
-    cmd = [os.path.join(REPO, 'distributed_train.sh'), '2', '--script', 'train_seg.py', folder, '--dataset', 'folder',
-           *FAST, '--iters', '2', '--eval-interval', '2', '--output', str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    assert 'Process 1 of 2 on cpu' in log and 'Evaluation at iteration 2 (2 images' in log
+def test_two_processes_train_and_evaluate(folder, tmp_path):
+    """train_seg.py as two ranks (tests/forked_ranks.py: what torchrun gives each process)."""
+    argv = [folder, '--dataset', 'folder', *FAST, '--iters', '2', '--eval-interval', '2', '--output', str(tmp_path)]
+    ranks = run_ranks(lambda: train_seg.cli(argv), tmp_path / 'logs')
+    assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    assert 'Process 1 of 2 on cpu' in ranks[1][1] and 'Evaluation at iteration 2 (2 images' in ranks[0][1]
     assert len(glob.glob(str(tmp_path / 'train_seg' / '*' / 'model_best.pth.tar'))) == 1
-    bad = subprocess.run([os.path.join(REPO, 'distributed_train.sh'), '2', '--script', 'nope.py'], capture_output=True,
-                         text=True, cwd=REPO, env=env, timeout=60)
-    assert bad.returncode == 2 and 'nope.py: no such file' in bad.stderr
 
 
 @pytest.mark.parametrize('config', sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'configs', 'seg', '*.yaml'))))

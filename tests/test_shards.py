@@ -7,9 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -21,12 +18,11 @@ import validate as validate_script
 from data import DataError, create_shard_train_loader, create_train_loader, find_shard_split, set_epoch
 from data.shards import ShardStream, iter_shard
 from engine import CheckpointSaver
+from tests.forked_ranks import run_ranks
 from tests.training_runs import FAST
 from tools.make_shards import main as make_shards_cli
 from tools.make_shards import make_shards
 from torchvision.datasets.folder import find_classes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -111,56 +107,43 @@ def test_a_shard_is_read_from_any_sample_without_reading_the_others(shards):
     assert iter_shard(url, skip=2, take=2).__next__()['png'] == everything[2]['png']
 
 
-GLOO_SCRIPT = r'''
-import json, os, sys
-import torch, torch.distributed as dist
-from data.shards import ShardStream
-from data import find_shard_split
-
-def key(sample):
+def _sample_key(sample):
     return torch.tensor(int(sample['__key__'])), int(sample['cls'])
 
-dist.init_process_group('gloo')
-split = find_shard_split(sys.argv[1], 'train')
-results = {}
-for batch_size in (4, 5):
-    stream = ShardStream(split, key, batch_size, training=True, seed=3, shuffle_buffer=4)
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=2, persistent_workers=True)
-    epochs = []
-    for epoch in range(2):
-        stream.set_epoch(epoch)
-        batches = [keys.tolist() for keys, _ in loader]
-        assert all(len(b) == batch_size for b in batches), batches
-        assert len(batches) == len(loader), (len(batches), len(loader))
-        epochs.append([k for b in batches for k in b])
-    gathered = [None, None]
-    dist.all_gather_object(gathered, epochs)
-    results[batch_size] = gathered
-if dist.get_rank() == 0:
-    print('RESULT', json.dumps(results))
-dist.destroy_process_group()
-'''
+
+def _keys_seen_by_each_rank(shards, out):
+    """One rank's loop over 2 epochs at batch sizes 4 and 5 (2 loader workers); rank 0 writes
+    every rank's keys by epoch to `out`."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo')
+    split = find_shard_split(shards, 'train')
+    results = {}
+    for batch_size in (4, 5):
+        stream = ShardStream(split, _sample_key, batch_size, training=True, seed=3, shuffle_buffer=4)
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=2, persistent_workers=True)
+        epochs = []
+        for epoch in range(2):
+            stream.set_epoch(epoch)
+            batches = [keys.tolist() for keys, _ in loader]
+            assert all(len(b) == batch_size for b in batches), batches
+            assert len(batches) == len(loader), (len(batches), len(loader))
+            epochs.append([k for b in batches for k in b])
+        gathered = [None, None]
+        dist.all_gather_object(gathered, epochs)
+        results[batch_size] = gathered
+    if dist.get_rank() == 0:
+        with open(out, 'w') as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_see_each_sample_once_per_epoch(shards):
+def test_two_gloo_processes_see_each_sample_once_per_epoch(shards, tmp_path):
     """24 samples in shards of 5, 2 ranks x 2 workers: -b 4 covers all of them once; -b 5 leaves
     out the 4 that full batches cannot hold (as folders do), none twice."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
-                   PYTHONPATH=REPO)
-        procs.append(subprocess.Popen([sys.executable, '-c', GLOO_SCRIPT, shards], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    results = json.loads(outs[0][0].split('RESULT ', 1)[1])
+    out = tmp_path / 'keys.json'
+    ranks = run_ranks(lambda: _keys_seen_by_each_rank(shards, out), tmp_path / 'logs')
+    assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    results = json.load(open(out))
     for batch_size, expected in (('4', 24), ('5', 20)):
         result = results[batch_size]
         for epoch in range(2):

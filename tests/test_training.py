@@ -123,6 +123,25 @@ def test_distributed_train_sh_on_cpu(shapes, tmp_path):
     assert 'Process 1 of 2 on cpu' in log
 
 
+def test_distributed_train_sh_hands_the_script_and_its_arguments_to_torchrun(tmp_path):
+    """What the script runs, with PYTHON=echo; the runs themselves: the test above (torchrun, main.py)
+    and the scripts' two-rank tests (tests/forked_ranks.py)."""
+    script = os.path.join(REPO, 'distributed_train.sh')
+
+    def launch(*args):
+        done = subprocess.run([script, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                              env=dict(os.environ, PYTHON='echo'))
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    torchrun = '-m torch.distributed.run --standalone --nproc_per_node='
+    assert launch('2', '/data', '-b', '4') == (0, f'{torchrun}2 {REPO}/main.py /data -b 4', '')
+    assert launch('8', '--script', 'train_det.py', '/coco', '--amp') == (0, f'{torchrun}8 {REPO}/train_det.py /coco --amp', '')
+    assert launch('2', '--script', str(tmp_path / 'mine.py'))[2] == f'{script}: --script {tmp_path}/mine.py: no such file'
+    code, _, err = launch('2', '--script', 'nope.py')
+    assert code == 2 and err.endswith('nope.py: no such file')
+    assert launch('2', '--script')[0] == launch()[0] == 2
+
+
 def _direct_metrics(model, folder, img_size, crop_pct):
     from data.dataset import ImageFolderDataset
     from timm.data import create_transform
