@@ -1,9 +1,9 @@
-"""Ranks of a process group forked from the test process, for the tests of what several processes
-do together (sharding, gathering, stopping together). Each rank gets what torchrun gives a process
-(RANK, LOCAL_RANK, WORLD_SIZE and an env:// rendezvous on this machine) and runs a script's own
-cli(), with the modules the test process has already imported: a fresh interpreter per rank costs
-about 10 s of CPU here, mostly importing torch and timm. distributed_train.sh and torchrun
-themselves are run for real by tests/test_training.py."""
+"""Processes forked from the test process, with the modules it has already imported: a fresh
+interpreter costs about 10 s of CPU here, mostly importing torch and timm. run_ranks is for the
+tests of what several processes do together (sharding, gathering, stopping together): each rank
+gets what torchrun gives a process (RANK, LOCAL_RANK, WORLD_SIZE and an env:// rendezvous on this
+machine) and runs a script's own cli(). run_forked is for what must not outlive its process (an
+audit hook). distributed_train.sh and torchrun themselves are run for real by tests/test_training.py."""
 import os
 import signal
 import socket
@@ -22,17 +22,31 @@ def free_port():
 
 def run_ranks(target, log_dir, world_size=2, timeout=300):
     """target() in `world_size` forked processes, one per rank; returns [(exit code, output)] by
-    rank, where output is that process's stdout and stderr together. A SystemExit from target is
-    its exit code, any other exception is printed and exits 1. Ranks still running after `timeout`
-    seconds are killed and reported."""
-    os.makedirs(log_dir, exist_ok=True)
+    rank (see run_forked)."""
     port = free_port()
-    logs = [os.path.join(log_dir, f'rank{rank}.log') for rank in range(world_size)]
+
+    def rank_target(rank):
+        def run():
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                              LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+            target()
+        return run
+
+    return run_forked([rank_target(rank) for rank in range(world_size)], log_dir, timeout)
+
+
+def run_forked(targets, log_dir, timeout=300):
+    """Each of `targets` called in a process forked from this one, all at once; returns
+    [(exit code, output)] in their order, where output is that process's stdout and stderr
+    together. A SystemExit is its exit code, any other exception is printed and exits 1.
+    Processes still running after `timeout` seconds are killed and reported."""
+    os.makedirs(log_dir, exist_ok=True)
+    logs = [os.path.join(log_dir, f'process{i}.log') for i in range(len(targets))]
     pids = []
-    for rank, log in enumerate(logs):
+    for target, log in zip(targets, logs):
         pid = os.fork()
         if pid == 0:
-            _run_rank(target, rank, world_size, port, log)
+            _run_child(target, log)
         pids.append(pid)
     codes = {}
     deadline = time.monotonic() + timeout
@@ -46,13 +60,13 @@ def run_ranks(target, log_dir, world_size=2, timeout=300):
             for pid in set(pids) - set(codes):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            raise AssertionError(f'ranks still running after {timeout} s:\n' +
+            raise AssertionError(f'processes still running after {timeout} s:\n' +
                                  '\n'.join(open(log).read()[-3000:] for log in logs))
         time.sleep(0.05)
     return [(codes[pid], open(log).read()) for pid, log in zip(pids, logs)]
 
 
-def _run_rank(target, rank, world_size, port, log):
+def _run_child(target, log):
     code = 1
     try:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -60,8 +74,6 @@ def _run_rank(target, rank, world_size, port, log):
         os.dup2(fd, 2)
         os.close(fd)
         sys.stdout = sys.stderr = open(1, 'w', buffering=1, closefd=False)  # not pytest's capture
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
         torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 under torchrun on 2 cores
         try:
             target()

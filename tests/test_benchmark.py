@@ -4,6 +4,7 @@ import json
 import pytest
 import timm
 
+from tests.forked_ranks import run_forked
 from tools import benchmark
 
 
@@ -29,18 +30,15 @@ def test_benchmark_runs_both_implementations_and_reports_mfu(tmp_path):
 
 def test_loader_benchmark_counts_the_files_each_loader_opens(tmp_path):
     """16 images, shards of 4, one worker: a folder epoch opens every image (and every label file
-    with token labels), a shard epoch each of the 4 shards once. Run apart: the opens are counted
-    by an audit hook, which stays in the process that installs it."""
-    import os
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, '-m', 'tools.benchmark_loader', '--root', str(tmp_path), '--images', '16',
-                           '--img-size', '32', '-b', '4', '--workers', '1', '--batches', '1', '--shard-size', '4',
-                           '--device', 'cpu'], cwd=repo, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    with token labels), a shard epoch each of the 4 shards once. Run in a forked process: the opens
+    are counted by an audit hook, which stays in the process that installs it."""
+    from tools import benchmark_loader
+    argv = ['--root', str(tmp_path / 'data'), '--images', '16', '--img-size', '32', '-b', '4', '--workers', '1',
+            '--batches', '1', '--shard-size', '4', '--device', 'cpu']
+    [(code, output)] = run_forked([lambda: benchmark_loader.main(argv)], tmp_path / 'logs')
+    assert code == 0, output[-3000:]
     opens = {line[:24].strip(): int(line.split('img/s')[1].split()[0])
-             for line in done.stdout.splitlines() if 'file opens' in line}
+             for line in output.splitlines() if 'file opens' in line}
     assert opens == {'folder, plain': 16, 'shards, plain': 4, 'folder, token labels': 32, 'shards, token labels': 4}
 
 

@@ -5,8 +5,8 @@ import copy
 import json
 import math
 import os
+import runpy
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -301,18 +301,19 @@ def test_finetune_and_initial_checkpoint_accept_mindspore_files(mindcv_visformer
     assert os.path.isfile(os.path.join(run, 'last.pth.tar'))
 
 
-def test_convert_tool(mindcv_visformer, tmp_path, capsys):
+def test_convert_tool(mindcv_visformer, tmp_path, capsys, monkeypatch):
     path, source_model = mindcv_visformer
     out = tmp_path / 'converted.pth.tar'
-    done = subprocess.run([sys.executable, '-m', 'tools.convert_mindcv', path, str(out), '--model', 'visformer_tiny'],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert 'tensors mapped' in done.stdout and 'numerics: mindcv' in done.stdout
+    monkeypatch.setattr(sys, 'argv', ['convert_mindcv.py', path, str(out), '--model', 'visformer_tiny'])
+    with pytest.raises(SystemExit) as exit_info:  # as python -m tools.convert_mindcv runs it
+        runpy.run_module('tools.convert_mindcv', run_name='__main__', alter_sys=True)
+    stdout = capsys.readouterr().out
+    assert exit_info.value.code == 0 and 'tensors mapped' in stdout and 'numerics: mindcv' in stdout
     contents = read_checkpoint(str(out))
     assert contents.numerics == 'mindcv'
     for k, v in source_model.state_dict().items():
         torch.testing.assert_close(contents.state_dict[k], v, rtol=0, atol=0)
-    # the same tool in-process (the command line is checked above): safetensors output, a wrong model
+    # the same tool as a function: safetensors output, a wrong model
     from tools import convert_mindcv
     st = tmp_path / 'converted.safetensors'
     assert convert_mindcv.main([path, str(st), '--model', 'visformer_tiny']) == 0

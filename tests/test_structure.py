@@ -2,10 +2,10 @@
 import ast
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.fresh_interpreter import fresh_import_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('layers', 'models', 'utils', 'data', 'loss', 'engine')
@@ -66,18 +66,12 @@ def test_the_checker_sees_function_level_imports(tmp_path):
 def test_tools_run_as_modules_without_editing_sys_path():
     for path in glob.glob(os.path.join(REPO, 'tools', '*.py')):
         assert 'sys.path' not in open(path).read(), path
-    done = subprocess.run([sys.executable, '-m', 'tools.generate_token_labels', '--help'], cwd=REPO,
-                          capture_output=True, text=True)
-    assert done.returncode == 0 and 'usage' in done.stdout, done.stderr
+    report = fresh_import_report()  # python -m tools.generate_token_labels --help, from the repository root
+    assert report['tool_exit'] == 0 and 'usage' in report['tool_output'], report['tool_output']
 
 
 def test_importing_the_repository_patches_nothing_in_timm():
-    code = ('from timm.data import auto_augment as a; before = dict(a.NAME_TO_OP); '
-            'import layers, models, utils, data, loss, engine, main, validate, train_seg, validate_seg, demo_seg, '
-            'train_det, validate_det, demo_det; '
-            'assert a.NAME_TO_OP == before, "timm op table changed"')
-    done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert fresh_import_report()['timm_ops_unchanged']
 
 
 def test_one_function_picks_the_outlook_attention_implementation():

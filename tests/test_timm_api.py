@@ -3,8 +3,6 @@ default cfgs, features, FX, TorchScript) for every registered model, the pretrai
 before and after `import models`, pretrained loading offline, and torch.hub."""
 import math
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -17,6 +15,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import models
 from models import visformer, volo
+from tests.fresh_interpreter import fresh_import_report
 from tests.mindspore_writer import mindcv_names, write_mindspore_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,23 +200,7 @@ def test_volo_train_mode_returns_logits_and_forward_train_the_triple():
 # ---------------------------------------------------------------- the pretrained registry
 
 def test_import_keeps_timms_tags_and_adds_ours_without_warnings():
-    code = (
-        'import json, warnings, timm\n'
-        'warnings.simplefilter("error")\n'
-        'before = timm.list_pretrained("visformer*")\n'
-        'keys = ("url", "hf_hub_id", "input_size", "crop_pct", "interpolation", "mean", "std", "num_classes",\n'
-        '        "classifier", "first_conv")\n'
-        'cfg = lambda: {k: getattr(timm.models.get_pretrained_cfg("visformer_small.in1k"), k) for k in keys}\n'
-        'timms_cfg = cfg()\n'
-        'import models\n'
-        'from timm.models import _registry as r\n'
-        'print(json.dumps(dict(before=before, after=timm.list_pretrained("visformer*"), same_cfg=cfg() == timms_cfg,\n'
-        '    volo=timm.list_pretrained("volo_d?.*"), hub=timm.get_pretrained_cfg_value("visformer_small", "hf_hub_id"),\n'
-        '    modules={m: r._model_to_module[m] for m in models.MINDCV_MODELS})))\n')
-    done = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    import json
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = fresh_import_report()  # a fresh interpreter: timm first, then `import models` with warnings as errors
     assert seen['before'] == ['visformer_small.in1k', 'visformer_tiny.in1k']
     assert set(seen['before']) <= set(seen['after'])
     assert set(seen['after']) - set(seen['before']) == {
