@@ -35,7 +35,8 @@ with warnings.catch_warnings():
     report['before'] = timm.list_pretrained('visformer*')
     import models
     report.update(after=timm.list_pretrained('visformer*'), same_cfg=cfg() == timms_cfg,
-                  volo=timm.list_pretrained('volo_d?.*'), hub=timm.get_pretrained_cfg_value('visformer_small', 'hf_hub_id'),
+                  volo=timm.list_pretrained('volo_d?.*'),
+                  hub=timm.get_pretrained_cfg_value('visformer_small', 'hf_hub_id'),
                   modules={m: _registry._model_to_module[m] for m in models.MINDCV_MODELS})
 for name in sys.argv[1:]:
     __import__(name)
@@ -57,7 +58,7 @@ def fresh_import_report():
     (warnings are errors until then), the VOLO tags, the MindCV models' registry modules, whether
     importing every package and script left timm's augmentation ops as they were, and the exit code
     and output of `tools.generate_token_labels --help` run as a module."""
-    done = subprocess.run([sys.executable, '-c', _PROBE, *repository_modules()], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, '-c', _PROBE, *repository_modules()], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.rsplit('REPORT ', 1)[1])

@@ -156,17 +156,31 @@ def test_clear_errors(monkeypatch):
         outlook_triton.outlook_attention_fused(torch.randn(1, 4, 4, 8), torch.randn(1, 2, 2, 2, 9, 9), 3, 2, 1, .5)
 
 
-@pytest.mark.parametrize('arch,dtype', [(90, 'bf16'), (80, 'fp32')])
-def test_kernels_compile_for_real_gpus(arch, dtype):
-    """The interpreter does not compile: build cubins for H100/H200 (sm_90) and A100 (sm_80) with
-    Triton's own compiler and ptxas, which need no GPU."""
+GPU_TARGETS = [(90, 'bf16'), (80, 'fp32')]
+
+
+@pytest.fixture(scope='module')
+def compiled_for_gpus():
+    """tools.compile_outlook_kernels' report for each of GPU_TARGETS, from one interpreter without
+    TRITON_INTERPRET (which the compiler needs unset)."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, '-m', 'tools.compile_outlook_kernels', '--arch', str(arch), '--dtype', dtype,
-                          '-b', '8'], capture_output=True, text=True, env=env, cwd=repo)
+    calls = '; '.join(f"print('TARGET {arch} {dtype}', flush=True); main(['--arch', '{arch}', '--dtype', '{dtype}', '-b', '8'])"
+                      for arch, dtype in GPU_TARGETS)
+    run = subprocess.run([sys.executable, '-c', f'from tools.compile_outlook_kernels import main; {calls}'],
+                         capture_output=True, text=True, env=env, cwd=repo)
     assert run.returncode == 0, run.stderr
-    reports = re.findall(r'^(fwd|bwd_logits|bwd_values) .* registers (\d+) .* spill stores (\d+) B', run.stdout, re.M)
-    assert [name for name, _, _ in reports] == ['fwd', 'bwd_logits', 'bwd_values'], run.stdout
+    return {tuple(part.split('\n', 1)[0].split()): part for part in run.stdout.split('TARGET ')[1:]}
+
+
+@pytest.mark.parametrize('arch,dtype', GPU_TARGETS)
+def test_kernels_compile_for_real_gpus(compiled_for_gpus, arch, dtype):
+    """The interpreter does not compile: build cubins for H100/H200 (sm_90) and A100 (sm_80) with
+    Triton's own compiler and ptxas, which need no GPU."""
+    report = compiled_for_gpus[(str(arch), dtype)]
+    assert f'{dtype}, sm_{arch}' in report, report
+    reports = re.findall(r'^(fwd|bwd_logits|bwd_values) .* registers (\d+) .* spill stores (\d+) B', report, re.M)
+    assert [name for name, _, _ in reports] == ['fwd', 'bwd_logits', 'bwd_values'], report
     assert all(0 < int(registers) <= 255 for _, registers, _ in reports)
 
 
