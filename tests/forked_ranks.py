@@ -38,32 +38,46 @@ def run_ranks(target, log_dir, world_size=2, timeout=300):
 def run_forked(targets, log_dir, timeout=300):
     """Each of `targets` called in a process forked from this one, all at once; returns
     [(exit code, output)] in their order, where output is that process's stdout and stderr
-    together. A SystemExit is its exit code, any other exception is printed and exits 1.
-    Processes still running after `timeout` seconds are killed and reported."""
+    together. A SystemExit is its exit code, any other exception is printed and exits 1; a process
+    killed by a signal has minus its number. Processes still running after `timeout` seconds are
+    killed and reported."""
     os.makedirs(log_dir, exist_ok=True)
     logs = [os.path.join(log_dir, f'process{i}.log') for i in range(len(targets))]
-    pids = []
-    for target, log in zip(targets, logs):
-        pid = os.fork()
-        if pid == 0:
-            _run_child(target, log)
-        pids.append(pid)
-    codes = {}
+    pids = [start_forked(target, log) for target, log in zip(targets, logs)]
+    results = []
+    try:
+        for pid, log in zip(pids, logs):
+            results.append((wait_forked(pid, log, timeout), open(log).read()))
+    finally:  # after a timeout: the ones not waited for yet too
+        for pid in pids[len(results) + 1:]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return results
+
+
+def start_forked(target, log):
+    """The pid of a process forked from this one that calls target() and exits, its stdout and
+    stderr written to the file `log` (see run_forked)."""
+    open(log, 'w').close()  # there to read from the start
+    pid = os.fork()
+    if pid == 0:
+        _run_child(target, log)
+    return pid
+
+
+def wait_forked(pid, log, timeout=300):
+    """The exit code of start_forked's process `pid`; killed and reported (its `log`) when it runs
+    past `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while len(codes) < len(pids):
-        for pid in pids:
-            if pid not in codes:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[pid] = os.waitstatus_to_exitcode(status)
-        if len(codes) < len(pids) and time.monotonic() > deadline:
-            for pid in set(pids) - set(codes):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            raise AssertionError(f'processes still running after {timeout} s:\n' +
-                                 '\n'.join(open(log).read()[-3000:] for log in logs))
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f'process still running after {timeout} s:\n' + open(log).read()[-3000:])
         time.sleep(0.05)
-    return [(codes[pid], open(log).read()) for pid, log in zip(pids, logs)]
 
 
 def _run_child(target, log):

@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +16,8 @@ import yaml
 import main as train_script
 import models
 import validate as validate_script
-from tests.training_runs import FAST, FAST_D1
+from tests.forked_ranks import run_forked, start_forked, wait_forked
+from tests.training_runs import FAST
 from tests.training_runs import copy_with_unreadable_image
 from tests.training_runs import run_fast as _run
 from data import DataError, DatasetTokenLabel
@@ -26,8 +25,6 @@ from utils import CheckpointError, load_pretrained_weights, safe_load
 from engine.checkpoint_saver import CheckpointSaver, DiskFullError
 from engine.runs import RunLock
 from engine.summary import read_summary, write_summary
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli_error(argv, caplog, script=train_script):
@@ -43,31 +40,25 @@ def _epochs(run):
 
 # ------------------------------------------------------------------ work that can be lost
 
-KILL_BEFORE_RENAME = '''
-import os, runpy, signal, sys
-sys.path.insert(0, os.getcwd())
-import tests.small_models  # registers volo_test, the model of FAST
-real = os.replace
-def replace(src, dst, *a, **k):
-    if dst.endswith('.pth.tar') and os.environ['KILL_AT'] in open(os.path.join(os.path.dirname(dst), 'train.log')).read():
-        os.kill(os.getpid(), signal.SIGKILL)  # the new checkpoint is complete under its temporary names
-    return real(src, dst, *a, **k)
-os.replace = replace
-sys.argv = ['main.py'] + sys.argv[1:]
-runpy.run_path('main.py', run_name='__main__')
-'''
-
-
 def test_kill_before_the_rename_loses_nothing(shapes, tmp_path, caplog, monkeypatch):
     """SIGKILL right after epoch 0's checkpoint is written and before it takes any name (and before
     its summary row is written): --resume auto finds the complete file under its temporary name, and
     the summary row of epoch 0 comes back from it."""
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-c', KILL_BEFORE_RENAME, shapes, *FAST, '--output', str(out), '--epochs', '2',
-           '--checkpoint-hist', '0']
-    env = dict(os.environ, KILL_AT='Train: 0 [   2/3')
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    def killed_before_the_rename():
+        real = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            log = os.path.join(os.path.dirname(dst), 'train.log')
+            if dst.endswith('.pth.tar') and 'Train: 0 [   2/3' in open(log).read():
+                os.kill(os.getpid(), signal.SIGKILL)  # the new checkpoint is complete under its temporary names
+            return real(src, dst, *args, **kwargs)
+
+        os.replace = replace  # in the forked process only
+        train_script.cli([shapes, *FAST, '--output', str(out), '--epochs', '2', '--checkpoint-hist', '0'])
+
+    [(code, output)] = run_forked([killed_before_the_rename], tmp_path / 'logs')
+    assert code == -signal.SIGKILL, output[-2000:]
     run = glob.glob(str(out / 'train' / '*'))[0]
     assert sorted(os.listdir(run)) == ['.lock', 'args.yaml', 'last.pth.tar.partial', 'model_best.pth.tar.partial',
                                        'train.log']
@@ -318,28 +309,25 @@ def test_corrupt_validation_image_is_skipped_not_replaced(shapes, tmp_path, capl
     assert 0 <= rows[0]['top1'] <= 100
 
 
-def _default_sigint():
-    # a child inherits an ignored SIGINT, and Python then keeps ignoring it: start it as a terminal would
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_with_workers_exits_promptly(shapes, tmp_path):
-    cmd = [sys.executable, 'main.py', shapes, *FAST_D1[:-8], '-j', '2', '--aa', '', '--reprob', '0',
-           '--output', str(tmp_path), '--epochs', '50']
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_default_sigint)
-    deadline, seen = time.time() + 120, []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        seen.append(line)
-        if 'Train: 1 [' in line or not line:
-            break
-    assert any('Train: 1 [' in line for line in seen), ''.join(seen)[-3000:]
-    proc.send_signal(signal.SIGINT)
+    argv = [shapes, *FAST[:-8], '-j', '2', '--aa', '', '--reprob', '0', '--output', str(tmp_path / 'out'),
+            '--epochs', '50']
+
+    def train():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+        train_script.cli(argv)
+
+    log = str(tmp_path / 'train.out')
+    pid = start_forked(train, log)
+    deadline = time.time() + 120
+    while time.time() < deadline and 'Train: 1 [' not in open(log).read():
+        time.sleep(0.05)
+    assert 'Train: 1 [' in open(log).read(), open(log).read()[-3000:]
+    os.kill(pid, signal.SIGINT)
     start = time.time()
-    code = proc.wait(timeout=60)  # about 2 s on an idle 2-core machine
+    code = wait_forked(pid, log, timeout=60)  # well under a second on an idle 2-core machine
     assert code == 130 and time.time() - start < 60
-    assert 'interrupted' in proc.stdout.read()
+    assert 'interrupted' in open(log).read()
 
 
 def test_generator_topk_and_stale_temporaries(shapes, tmp_path, caplog):
