@@ -4,7 +4,7 @@ import json
 import pytest
 import timm
 
-from tests.forked_ranks import run_forked
+from tests.forked import run_forked
 from tools import benchmark
 
 

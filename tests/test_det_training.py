@@ -21,7 +21,7 @@ from data.coco import AspectRatioBatchSampler, CocoInstances
 from data.synthetic_det import make_coco_dataset
 from engine.summary import read_summary
 from models.detection import build_detector, detector_settings, position_grid_size
-from tests.forked_ranks import run_ranks
+from tests.forked import run_ranks
 from utils.det_metrics import COCO_STAT_NAMES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +198,7 @@ def test_two_process_validation_gathers_every_image_once(coco, trained, tmp_path
 
 
 def test_two_processes_train_and_evaluate(coco, tmp_path):
-    """train_det.py as two ranks (tests/forked_ranks.py: what torchrun gives each process)."""
+    """train_det.py as two ranks (tests/forked.py: what torchrun gives each process)."""
     argv = [coco, *FAST, '--epochs', '1', '--lr-steps', '--output', str(tmp_path)]
     ranks = run_ranks(lambda: train_det.cli(argv), tmp_path / 'logs')
     assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]

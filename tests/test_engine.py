@@ -19,7 +19,7 @@ from data import DataError
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
 from loss import SegmentationLoss, TokenLabelCrossEntropy
-from tests.forked_ranks import run_ranks
+from tests.forked import run_ranks
 from tests.test_tracking import wandb_history, wandb_records
 from tests.training_runs import FAST
 

@@ -16,7 +16,7 @@ import yaml
 import main as train_script
 import models
 import validate as validate_script
-from tests.forked_ranks import run_forked, start_forked, wait_forked
+from tests.forked import run_forked, start_forked, wait_forked
 from tests.training_runs import FAST
 from tests.training_runs import copy_with_unreadable_image
 from tests.training_runs import run_fast as _run

@@ -19,7 +19,7 @@ from data import ADE20K_CLASSES
 from tools import cityscapes_train_ids
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
-from tests.forked_ranks import run_ranks
+from tests.forked import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
@@ -268,7 +268,7 @@ def test_bad_validation_arguments_are_clear_errors(folder, ade, tmp_path, caplog
 
 
 def test_two_processes_train_and_evaluate(folder, tmp_path):
-    """train_seg.py as two ranks (tests/forked_ranks.py: what torchrun gives each process)."""
+    """train_seg.py as two ranks (tests/forked.py: what torchrun gives each process)."""
     argv = [folder, '--dataset', 'folder', *FAST, '--iters', '2', '--eval-interval', '2', '--output', str(tmp_path)]
     ranks = run_ranks(lambda: train_seg.cli(argv), tmp_path / 'logs')
     assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]

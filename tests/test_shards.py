@@ -18,7 +18,7 @@ import validate as validate_script
 from data import DataError, create_shard_train_loader, create_train_loader, find_shard_split, set_epoch
 from data.shards import ShardStream, iter_shard
 from engine import CheckpointSaver
-from tests.forked_ranks import run_ranks
+from tests.forked import run_ranks
 from tests.training_runs import FAST
 from tools.make_shards import main as make_shards_cli
 from tools.make_shards import make_shards

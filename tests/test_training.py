@@ -125,7 +125,7 @@ def test_distributed_train_sh_on_cpu(shapes, tmp_path):
 
 def test_distributed_train_sh_hands_the_script_and_its_arguments_to_torchrun(tmp_path):
     """What the script runs, with PYTHON=echo; the runs themselves: the test above (torchrun, main.py)
-    and the scripts' two-rank tests (tests/forked_ranks.py)."""
+    and the scripts' two-rank tests (tests/forked.py)."""
     script = os.path.join(REPO, 'distributed_train.sh')
 
     def launch(*args):
