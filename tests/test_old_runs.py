@@ -4,6 +4,7 @@ scaffolds, segmentation's old option names and checkpoints that stored the itera
 taken out of this repository's history."""
 import glob
 import io
+import json
 import logging
 import os
 import shutil
@@ -40,18 +41,40 @@ def old_code(tmp_path_factory):
     return dest
 
 
-def run_old(old_code, script, *args):
+# both old runs in one interpreter (one costs about 10 s of CPU here): each script as `python SCRIPT` runs it
+RUN_OLD_SCRIPTS = '''
+import json, runpy, sys
+for script, *args in json.loads(sys.argv[1]):
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except SystemExit as e:
+        if e.code:
+            raise
+'''
+
+
+@pytest.fixture(scope='module')
+def old_runs(old_code, shapes, tmp_path_factory):
+    """{'cls' / 'seg': (output folder, data)} of a classification and a segmentation run that the old
+    code made."""
+    root = tmp_path_factory.mktemp('old_runs')
+    seg_data = make_seg_dataset(str(root / 'seg_data'), 'seg-folder', num_classes=4, train=4, val=2, size=(48, 48))
+    runs = {'cls': (root / 'cls', shapes), 'seg': (root / 'seg', seg_data)}
+    scripts = [['main.py', shapes, *FAST_D1, '--output', runs['cls'][0], '--epochs', '1'],
+               ['train_seg.py', seg_data, '--dataset', 'folder', '--scale', 96, 64, *OLD_SEG, '--iters', 2,
+                '--output', runs['seg'][0]]]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('PYTHONPATH', None)
-    done = subprocess.run([sys.executable, script, *map(str, args)], cwd=old_code, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, '-c', RUN_OLD_SCRIPTS, json.dumps([list(map(str, s)) for s in scripts])],
+                          cwd=old_code, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return runs
 
 
-def test_a_classification_run_from_before_resumes_and_validates(old_code, shapes, tmp_path, caplog):
+def test_a_classification_run_from_before_resumes_and_validates(old_runs, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    out = tmp_path / 'out'
-    run_old(old_code, 'main.py', shapes, *FAST_D1, '--output', out, '--epochs', '1')
+    out, shapes = old_runs['cls']
     [run] = glob.glob(str(out / 'train' / '*'))
     old_checkpoint = tmp_path / 'old_last.pth.tar'
     shutil.copy(os.path.join(run, 'last.pth.tar'), old_checkpoint)
@@ -67,12 +90,9 @@ def test_a_classification_run_from_before_resumes_and_validates(old_code, shapes
     assert old_result['top1'] == pytest.approx(float(old_rows[0]['eval_top1']), abs=1e-4)  # validate rounds to 4
 
 
-def test_a_segmentation_run_from_before_resumes_and_validates(old_code, tmp_path, caplog):
+def test_a_segmentation_run_from_before_resumes_and_validates(old_runs, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    data = make_seg_dataset(str(tmp_path / 'data'), 'seg-folder', num_classes=4, train=4, val=2, size=(48, 48))
-    out = tmp_path / 'out'
-    run_old(old_code, 'train_seg.py', data, '--dataset', 'folder', '--scale', 96, 64, *OLD_SEG, '--iters', 2,
-            '--output', out)
+    out, data = old_runs['seg']
     [run] = glob.glob(str(out / 'train_seg' / '*'))
     old_checkpoint = tmp_path / 'old_last.pth.tar'
     shutil.copy(os.path.join(run, 'last.pth.tar'), old_checkpoint)
