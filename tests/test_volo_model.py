@@ -67,8 +67,8 @@ def test_state_dict_layout(name):
 
 
 @pytest.mark.parametrize('name,img_size,batch', [
-    ('volo_d1', 224, 2), ('volo_d2', 224, 2), ('volo_d3', 224, 2), ('volo_d4', 96, 2),
-    ('volo_d5', 96, 2), ('volo_d1', 384, 2), ('volo_d1', 512, 1)])  # larger grids: D1's (same code as D3's at 448)
+    ('volo_d1', 224, 2), ('volo_d2', 224, 2), ('volo_d3', 224, 1), ('volo_d4', 96, 2),
+    ('volo_d5', 96, 2), ('volo_d1', 384, 1), ('volo_d1', 512, 1)])  # larger grids: D1's (same code as D3's at 448)
 def test_eval_parity_with_timm(name, img_size, batch):
     torch.manual_seed(0)
     ours = getattr(models, name)(img_size=img_size).eval()
