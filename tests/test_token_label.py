@@ -13,6 +13,7 @@ from data.synthetic import make_shapes_dataset
 from data.transforms import LabelAwareRandAugment, TokenLabelTrainTransform, op_matrix, warp_label_map
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
+from tests.small_models import small_volo
 from tools import generate_token_labels
 
 
@@ -292,10 +293,10 @@ def test_missing_and_bad_label_files(shapes, tmp_path):
 
 def test_generator_round_trip_and_resume(shapes, tmp_path):
     out = tmp_path / 'generated'
-    model = models.volo_d1(img_size=32, num_classes=3)
+    model = small_volo(img_size=32, num_classes=3)  # registered as volo_test
     ckpt = tmp_path / 'annotator.pth.tar'
     torch.save(model.state_dict(), ckpt)
-    argv = [os.path.join(shapes, 'train'), '--output', str(out), '--model', 'volo_d1', '--checkpoint', str(ckpt),
+    argv = [os.path.join(shapes, 'train'), '--output', str(out), '--model', 'volo_test', '--checkpoint', str(ckpt),
             '--num-classes', '3', '--img-size', '96', '-b', '4', '-j', '0', '--topk', '3']
     generate_token_labels.main(argv)
     files = sorted(out.rglob('*.pt'))
@@ -308,7 +309,7 @@ def test_generator_round_trip_and_resume(shapes, tmp_path):
     folder = ImageFolderDataset(os.path.join(shapes, 'train'))
     t = transforms.Compose([transforms.Resize((96, 96), interpolation=transforms.InterpolationMode.BICUBIC),
                             transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    model96 = models.volo_d1(img_size=96, num_classes=3)
+    model96 = small_volo(img_size=96, num_classes=3)
     from utils import load_pretrained_weights
     load_pretrained_weights(model96, str(ckpt))
     with torch.no_grad():
