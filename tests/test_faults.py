@@ -239,7 +239,7 @@ def test_arguments_that_would_void_training(shapes, tmp_path, caplog):
             train_script.parse_args(base + bad)
     caplog.clear()
     with caplog.at_level('WARNING'):
-        short = train_script.main([shapes, '--model', 'volo_d1', '--img-size', '32', '-b', '8', '-j', '0', '--aa', '',
+        short = train_script.main([shapes, '--model', 'volo_test', '--img-size', '32', '-b', '8', '-j', '0', '--aa', '',
                                    '--reprob', '0', '--output', str(tmp_path / 'short'), '--epochs', '1',
                                    '--checkpoint-hist', '0'])
     assert '--warmup-epochs 20 is not shorter than --epochs 1: no warmup' in caplog.text
@@ -302,7 +302,7 @@ def test_validate_reports_bad_inputs_clearly(shapes, tmp_path, caplog):
 def test_corrupt_validation_image_is_skipped_not_replaced(shapes, tmp_path, caplog):
     root, victim = copy_with_unreadable_image(shapes, tmp_path / 'data', 'val')
     with caplog.at_level('INFO'):
-        rows = validate_script.main([str(root), '--model', 'volo_d1', '--img-size', '32', '--num-classes', '3',
+        rows = validate_script.main([str(root), '--model', 'volo_test', '--img-size', '32', '--num-classes', '3',
                                      '-j', '0', '-b', '4'])
     assert str(victim) in caplog.text
     assert '(11 images' in caplog.text  # 12 in the folder, one unreadable, none counted twice
