@@ -259,6 +259,15 @@ def test_plot_summary(shapes, tmp_path):
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 200
     assert plot_summary.main([os.path.join(run, 'summary.csv')]) and os.path.isfile(os.path.join(run, 'summary.png'))
+    import importlib
+    import matplotlib
+    before = matplotlib.get_backend()
+    try:  # importing the tool leaves a notebook's backend alone
+        matplotlib.use('pdf')
+        importlib.reload(plot_summary)
+        assert matplotlib.get_backend() == 'pdf'
+    finally:
+        matplotlib.use(before)
 
 
 @pytest.mark.parametrize('config', sorted(glob.glob(os.path.join(REPO, 'configs', '*.yaml'))))

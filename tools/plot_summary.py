@@ -9,10 +9,7 @@ import csv
 import os
 import sys
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # drawn off-screen: importing this module changes no matplotlib backend
 
 
 def read_summary(path):
@@ -34,7 +31,8 @@ def main(argv=None):
     cols = read_summary(path)
     unit = 'epoch' if 'epoch' in cols else 'iteration'  # segmentation runs count iterations
     epochs = cols[unit]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for key, label in (('train_loss', 'train loss'), ('eval_loss', 'eval loss')):
         if cols.get(key):
             ax_loss.plot(epochs[:len(cols[key])], cols[key], marker='o', label=label)
