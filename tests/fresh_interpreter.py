@@ -18,6 +18,7 @@ def repository_modules():
     scripts = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, '*.py'))]
     return sorted(set(packages + scripts) - {'tests', 'conftest'})
 
+
 _PROBE = r'''
 import contextlib, io, json, runpy, sys, warnings
 import timm

@@ -165,9 +165,11 @@ def compiled_for_gpus():
     TRITON_INTERPRET (which the compiler needs unset)."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    calls = '; '.join(f"print('TARGET {arch} {dtype}', flush=True); main(['--arch', '{arch}', '--dtype', '{dtype}', '-b', '8'])"
-                      for arch, dtype in GPU_TARGETS)
-    run = subprocess.run([sys.executable, '-c', f'from tools.compile_outlook_kernels import main; {calls}'],
+    script = ('import sys\nfrom tools.compile_outlook_kernels import main\n'
+              'for arch, dtype in zip(sys.argv[1::2], sys.argv[2::2]):\n'
+              '    print("TARGET", arch, dtype, flush=True)\n'
+              '    main(["--arch", arch, "--dtype", dtype, "-b", "8"])\n')
+    run = subprocess.run([sys.executable, '-c', script, *(str(v) for target in GPU_TARGETS for v in target)],
                          capture_output=True, text=True, env=env, cwd=repo)
     assert run.returncode == 0, run.stderr
     return {tuple(part.split('\n', 1)[0].split()): part for part in run.stdout.split('TARGET ')[1:]}

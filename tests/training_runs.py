@@ -4,7 +4,6 @@ registered in the test processes only."""
 import main as train_script
 
 
-
 def fast_args(model):
     return ['--model', model, '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
             '--lr', '5e-4', '-j', '0', '--log-interval', '1', '--aa', '', '--reprob', '0']
