@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict
 from datetime import datetime
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -30,8 +29,8 @@ from timm.utils import ModelEmaV2, distribute_bn
 import models  # noqa: F401  (registers this repo's models with timm)
 from models import VOLO, DenseTrainingForward, check_img_size
 from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
-from engine import (RunDirectory, add_training_options, check_finite_loss, distributed_model, explain_out_of_memory,
-                    extends_run, find_resume, optimizer_step, parse_with_config, resolved_later, run_trainer,
+from engine import (RunDirectory, TrainingStep, add_training_options, current_lr, distributed_model,
+                    enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resolved_later, run_trainer,
                     setup_runtime)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
@@ -199,6 +198,8 @@ def build_model(args):
     except (ValueError, TypeError) as e:
         raise UsageError(f'--model {args.model} with {kwargs}: {e}') from None
     set_batchnorm(model, momentum=args.bn_momentum, eps=args.bn_eps)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     if args.initial_checkpoint:
         load_pretrained_weights(model, args.initial_checkpoint, strict=True)
     if args.finetune:  # a new class count starts fresh heads
@@ -299,17 +300,15 @@ def build_loaders(args, runtime, data_config, train_data, eval_data, eval_classe
     return train, eval_loader
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, runtime, token_label_maps, lr_scheduler,
-                    model_ema, mixup_fn, run, start_batch=0, carried=(0., 0)):
+def train_one_epoch(epoch, model, loader, step, loss_fn, args, runtime, token_label_maps, mixup_fn, run,
+                    start_batch=0, carried=(0., 0)):
     """One epoch from batch `start_batch` on (a run resumed mid-epoch; `carried`: the loss sum and
-    sample count of the batches before it, over all ranks)."""
+    sample count of the batches before it, over all ranks). `step`: the engine's TrainingStep."""
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn = None
     model.train()
     loss_sum, seen = (carried[0], carried[1]) if runtime.is_main else (0., 0)
-    batch_time = data_time = 0.
     steps = len(loader)
-    num_updates = epoch * steps + start_batch
     end = time.perf_counter()
     for batch_idx, (images, target) in enumerate(loader if start_batch < steps else (), start=start_batch):
         data_time = time.perf_counter() - end
@@ -323,47 +322,44 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, runtime, tok
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        with explain_out_of_memory(f'epoch {epoch}, step {batch_idx}', '-b, --img-size (or use --amp)'):
-            with runtime.amp.autocast():
-                output = model(images)
-                loss = loss_fn(output, target)
-            check_finite_loss(loss, runtime, f'epoch {epoch}, step {batch_idx}')
-            optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad, args.clip_mode)
-        if model_ema is not None:
-            model_ema.update(model)
-
-        loss_sum += loss.item() * images.shape[0]
+        result = step(lambda: loss_fn(model(images), target), f'epoch {epoch}, step {batch_idx}')
+        loss_sum += result.loss * images.shape[0]
         seen += images.shape[0]
-        num_updates += 1
         batch_time = time.perf_counter() - end
         last = batch_idx == steps - 1
         images_per_s = images.shape[0] * runtime.world_size / batch_time
         if runtime.is_main and (last or batch_idx % args.log_interval == 0):
             _logger.info('Train: %d [%4d/%d (%3.0f%%)]  Loss: %.4f (%.4f)  %.1f img/s  LR: %.3e  Data: %.3fs',
-                         epoch, batch_idx, steps, 100. * batch_idx / max(steps - 1, 1), loss.item(),
-                         loss_sum / seen, images_per_s, current_lr(optimizer), data_time)
-        run.log_step(num_updates, dict(loss=loss.item(), lr=current_lr(optimizer), images_per_s=images_per_s,
-                                       data_time=data_time))
+                         epoch, batch_idx, steps, 100. * batch_idx / max(steps - 1, 1), result.loss,
+                         loss_sum / seen, images_per_s, result.lr, data_time)
+        run.log_step(step.updates, dict(loss=result.loss, lr=result.lr, images_per_s=images_per_s,
+                                        data_time=data_time))
         if args.recovery_interval and (last or (batch_idx + 1) % args.recovery_interval == 0):
-            progress = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=next(model.parameters()).device)
-            if runtime.distributed:  # every rank's part of the epoch so far, for a resumed run's epoch loss
-                dist.all_reduce(progress)
-            if run.saver is not None:
-                run.saver.save_recovery(epoch, batch_idx=batch_idx, mid_epoch=dict(
-                    batch=batch_idx + 1, steps=steps, loss_sum=progress[0].item(), seen=int(progress[1].item())))
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=loss_sum / seen)
+            save_recovery(run, runtime, epoch, batch_idx, steps, loss_sum, seen)
         end = time.perf_counter()
+    return OrderedDict(loss=all_ranks_mean(runtime, loss_sum, seen))
 
-    totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64,
-                          device=next(model.parameters()).device)
+
+def all_ranks_sum(runtime, *values):
+    """`values` summed over every process (one all-reduce), as Python numbers."""
+    totals = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     if runtime.distributed:
         dist.all_reduce(totals)
-    return OrderedDict(loss=(totals[0] / totals[1]).item())
+    return totals.tolist()
 
 
-def current_lr(optimizer):
-    return float(np.mean([group['lr'] for group in optimizer.param_groups]))
+def all_ranks_mean(runtime, loss_sum, seen):
+    loss_sum, seen = all_ranks_sum(runtime, loss_sum, float(seen))
+    return loss_sum / seen
+
+
+def save_recovery(run, runtime, epoch, batch_idx, steps, loss_sum, seen):
+    """A mid-epoch checkpoint holding every rank's part of the epoch so far, for a resumed run's
+    epoch loss."""
+    loss_sum, seen = all_ranks_sum(runtime, loss_sum, float(seen))
+    if run.saver is not None:
+        run.saver.save_recovery(epoch, batch_idx=batch_idx, mid_epoch=dict(
+            batch=batch_idx + 1, steps=steps, loss_sum=loss_sum, seen=int(seen)))
 
 
 def main(argv=None):
@@ -452,6 +448,10 @@ def main(argv=None):
                          f'raise --epochs to continue it')
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
+    start_batch = mid_epoch['batch'] if mid_epoch else 0
+    step = TrainingStep(model, optimizer, runtime, schedule=lr_scheduler, clip_grad=args.clip_grad,
+                        clip_mode=args.clip_mode, model_ema=model_ema, memory_hint='-b, --img-size (or use --amp)',
+                        updates=start_epoch * len(loader_train) + start_batch)
 
     mixup_fn = build_mixup(args, runtime, token_label_maps)
 
@@ -466,7 +466,7 @@ def main(argv=None):
 
     for epoch in range(start_epoch, num_epochs):
         epoch_start = time.perf_counter()
-        start_batch = mid_epoch['batch'] if mid_epoch and epoch == start_epoch else 0
+        start_batch = start_batch if epoch == start_epoch else 0
         set_epoch(loader_train, epoch, start_batch)
         if runtime.distributed and loader_train.sampler is not None:
             indices = loader_train.sampler.epoch_indices()
@@ -474,9 +474,8 @@ def main(argv=None):
                          indices[:6])
         lr = current_lr(optimizer)
         carried = (mid_epoch['loss_sum'], mid_epoch['seen']) if start_batch else (0., 0)
-        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, runtime,
-                                        token_label_maps, lr_scheduler, model_ema, mixup_fn, run, start_batch,
-                                        carried)
+        train_metrics = train_one_epoch(epoch, model, loader_train, step, train_loss_fn, args, runtime,
+                                        token_label_maps, mixup_fn, run, start_batch, carried)
         if runtime.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, runtime.world_size, args.dist_bn == 'reduce')
         row = OrderedDict(epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()})

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from data import DataError
 from data.coco import (MULTI_SCALE_SIZES, AspectRatioBatchSampler, CocoInstances, coco_split, collate_detection,
                        detection_eval_loader)
-from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, explain_out_of_memory,
-                    distributed_model, extends_run, find_resume, optimizer_step, parse_with_config, resolved_later,
+from engine import (RunDirectory, TrainingStep, UpdateSchedule, add_renamed, add_training_options, distributed_model,
+                    enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resolved_later,
                     resume_training, run_trainer, setup_runtime)
 from models import check_img_size
 from models.detection import DETECTORS, FPN_CHANNELS, build_detector, inference_size, position_grid_size
@@ -171,6 +171,11 @@ def evaluate(model, val_set, args, runtime):
     return coco_stats(val_set.coco, results, kinds, image_ids=image_ids)
 
 
+def detection_loss(losses):
+    """(the sum of a torchvision detector's losses, the losses by name)."""
+    return sum(losses.values()), losses
+
+
 def to_device(targets, device):
     return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
@@ -197,6 +202,8 @@ def main(argv=None):
     if args.backbone_checkpoint and not resume:
         load_pretrained_weights(model.backbone.body, args.backbone_checkpoint)
         _logger.info('Backbone initialised from %s', args.backbone_checkpoint)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     if runtime.is_main:
         _logger.info('%s on %s: %d parameters, %d classes, %d training images, train sizes %s (long side <= %d)',
                      args.detector, args.model, sum(p.numel() for p in model.parameters()), args.num_classes,
@@ -218,31 +225,27 @@ def main(argv=None):
     del resume
 
     steps_per_epoch = len(loader)
+    schedule = UpdateSchedule(optimizer, lambda iteration: step_lr(iteration, iteration // steps_per_epoch, args),
+                              start=start_epoch * steps_per_epoch)
+    step = TrainingStep(train_model, optimizer, runtime, schedule=schedule, clip_grad=args.clip_grad,
+                        memory_hint='-b, --train-sizes / --max-size (or use --amp)', updates=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         loader.batch_sampler.set_epoch(epoch)
         train_model.train()
         running, start = [], time.perf_counter()
         progress = tqdm(loader, desc=f'epoch {epoch}', disable=None if runtime.is_main else True)
-        for step, (images, targets) in enumerate(progress):
-            iteration = epoch * steps_per_epoch + step
-            lr = step_lr(iteration, epoch, args)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
+        for index, (images, targets) in enumerate(progress):
+            lr = schedule.lr
             images, targets = [image.to(device, non_blocking=True) for image in images], to_device(targets, device)
-            where = f'epoch {epoch}, step {step}'
-            with explain_out_of_memory(where, '-b, --train-sizes / --max-size (or use --amp)'):
-                with runtime.amp.autocast():
-                    losses = train_model(images, targets)
-                loss = sum(losses.values())
-                check_finite_loss(loss, runtime, where)
-                optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad)
-            running.append(float(loss.detach()))
-            run.log_step(iteration + 1, dict(loss=running[-1], lr=lr))
-            if runtime.is_main and ((step + 1) % args.log_interval == 0 or step + 1 == steps_per_epoch):
+            result = step(lambda: detection_loss(train_model(images, targets)), f'epoch {epoch}, step {index}')
+            running.append(result.loss)
+            run.log_step(step.updates, dict(loss=result.loss, lr=lr))
+            if runtime.is_main and ((index + 1) % args.log_interval == 0 or index + 1 == steps_per_epoch):
                 per_iter = (time.perf_counter() - start) / len(running)
-                parts = '  '.join(f'{k[5:] if k.startswith("loss_") else k} {float(v.detach()):.4f}' for k, v in losses.items())
-                _logger.info('epoch %d [%d/%d]  loss %.4f (%s)  lr %.3e  %.3f s/iter', epoch, step + 1, steps_per_epoch,
-                             sum(running) / len(running), parts, lr, per_iter)
+                parts = '  '.join(f'{k[5:] if k.startswith("loss_") else k} {v:.4f}'
+                                  for k, v in result.part_values().items())
+                _logger.info('epoch %d [%d/%d]  loss %.4f (%s)  lr %.3e  %.3f s/iter', epoch, index + 1,
+                             steps_per_epoch, sum(running) / len(running), parts, lr, per_iter)
         progress.close()
         done = epoch + 1
         row = OrderedDict(epoch=epoch, train_loss=round(sum(running) / max(len(running), 1), 6), lr=lr)

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from data import (DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, SegTrainTransform, build_seg_dataset,
                   seg_dataset_kind, seg_dataset_type)
-from engine import (RunDirectory, add_renamed, add_training_options, check_finite_loss, distributed_model,
-                    explain_out_of_memory, extends_run, find_resume, optimizer_step, parse_with_config,
-                    resume_training, run_trainer, setup_runtime)
+from engine import (RunDirectory, TrainingStep, UpdateSchedule, add_renamed, add_training_options, distributed_model,
+                    enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resume_training, run_trainer,
+                    setup_runtime)
 from loss import SegmentationLoss
 from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
@@ -146,11 +146,6 @@ def param_groups(model, args):
     return list(groups.values())
 
 
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group['lr_mult']
-
-
 def build_loaders(args, rank, world_size):
     train_tf = SegTrainTransform(args.crop_size, args.img_scale, args.ratio_range, args.cat_max_ratio)
     train_set = build_seg_dataset(args.dataset, args.data_dir, 'train', train_tf)
@@ -216,6 +211,8 @@ def main(argv=None):
     if args.backbone_checkpoint and not resume:
         load_pretrained_weights(model.backbone, args.backbone_checkpoint)
         _logger.info('Backbone initialised from %s', args.backbone_checkpoint)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     if runtime.is_main:
         _logger.info('Segmentor %s + UPerHead: %d parameters, %d classes (%s), crop %dx%d', args.model,
                      sum(p.numel() for p in model.parameters()), args.num_classes, args.dataset, *args.crop_size)
@@ -240,30 +237,29 @@ def main(argv=None):
     del resume
 
     loss_fn = SegmentationLoss(aux_weight=args.aux_weight)
+    schedule = UpdateSchedule(optimizer, lambda iteration: poly_lr(iteration, args), start=start_iter)
+    step = TrainingStep(train_model, optimizer, runtime, schedule=schedule, clip_grad=args.clip_grad,
+                        memory_hint='-b, --crop-size (or use --amp)', updates=start_iter)
     data = batches(loader)
     train_model.train()
     running, window_start = [], time.perf_counter()
     progress = tqdm(total=args.iters, initial=start_iter, desc='train', disable=None if runtime.is_main else True)
     try:
         for iteration in range(start_iter, args.iters):
-            lr = poly_lr(iteration, args)
-            set_lr(optimizer, lr)
+            lr = schedule.lr
             images, labels, _ = next(data)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with explain_out_of_memory(f'iteration {iteration}', '-b, --crop-size (or use --amp)'):
-                with runtime.amp.autocast():
-                    loss, parts = loss_fn(train_model(images), labels)
-                check_finite_loss(loss, runtime, f'iteration {iteration}')
-                optimizer_step(loss, optimizer, model.parameters(), runtime.amp, args.clip_grad)
-            running.append(float(loss.detach()))
+            result = step(lambda: loss_fn(train_model(images), labels), f'iteration {iteration}')
+            running.append(result.loss)
             done = iteration + 1
             run.log_step(done, dict(loss=running[-1], lr=lr))
             progress.update(1)
             if runtime.is_main and (done % args.log_interval == 0 or done == args.iters):
                 per_iter = (time.perf_counter() - window_start) / len(running)
+                parts = result.part_values()
                 _logger.info('iter %d/%d  loss %.4f (decode %.4f%s)  lr %.3e  %.3f s/iter  eta %s', done, args.iters,
-                             sum(running) / len(running), float(parts['decode']),
-                             f', aux {float(parts["aux"]):.4f}' if 'aux' in parts else '', lr, per_iter,
+                             sum(running) / len(running), parts['decode'],
+                             f', aux {parts["aux"]:.4f}' if 'aux' in parts else '', lr, per_iter,
                              time.strftime('%H:%M:%S', time.gmtime(per_iter * (args.iters - done))))
             evaluate_now = val_set is not None and (done == args.iters or (
                 args.eval_interval and done % args.eval_interval == 0))

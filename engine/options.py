@@ -97,8 +97,10 @@ def add_device_options(parser, workers=4):
 
 def add_amp_options(parser):
     parser.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.amp)')
-    parser.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
-                        help='autocast dtype on GPUs (CPUs always use bfloat16)')
+    resolved_later(parser.add_argument(  # runs recorded before None meant "the device's" say 'float16'
+        '--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+        help='autocast dtype (default: float16 with a loss scaler on GPUs, bfloat16 on CPUs; float16 always has the '
+             'loss scaler)'))
     parser.add_argument('--apex-amp', action='store_true', default=False,
                         help='the original command lines\' spelling: NVIDIA apex O1 for training when it is '
                              'importable on CUDA, else native AMP')
@@ -106,12 +108,15 @@ def add_amp_options(parser):
 
 
 def add_training_options(parser, output='./output', seed=42, log_interval=50, workers=8):
-    """What every trainer shares: config, device, AMP, workers, seed, output, resume, log interval,
-    experiment tracking, and torchrun's --local_rank."""
+    """What every trainer shares: config, device, AMP, workers, seed, gradient checkpointing,
+    output, resume, log interval, experiment tracking, and torchrun's --local_rank."""
     add_config_option(parser)
     add_device_options(parser, workers=workers)
     add_amp_options(parser)
     parser.add_argument('--seed', type=int, default=seed)
+    parser.add_argument('--grad-checkpointing', action='store_true', default=False,
+                        help="recompute the backbone's blocks in backward instead of storing their activations (less "
+                             "memory, more time)")
     extends_run(parser.add_argument('--output', default=output, metavar='PATH', help=f'output root (default {output})'))
     extends_run(parser.add_argument(
         '--resume', default='', metavar='PATH',

@@ -20,7 +20,8 @@ from utils.log import log_to_file
 from .checkpoint_saver import CheckpointSaver
 from .files import PARTIAL, DiskFullError, write_atomically
 from .options import option_defaults, renamed_options, resolved_options, run_extending
-from .runs import ResumeError, RunLock, find_resume_checkpoint, promote, remove_abandoned_partials
+from .runs import (ResumeError, RunLock, find_resume_checkpoint, newest_complete_checkpoint, promote,
+                   remove_abandoned_partials)
 from .summary import truncate_summary, write_summary
 from .tracking import Tracker, check_tracking
 
@@ -35,8 +36,9 @@ class Resume(NamedTuple):
 def find_resume(args, parser, kind, upgrade=None) -> Optional[Resume]:
     """What `--resume` names: 'auto', the newest complete checkpoint of the newest run under
     <--output>/<kind>/ started with the same arguments (those the parser marks with extends_run may
-    differ; `upgrade` renames the arguments of runs recorded under older option names); a path,
-    that checkpoint or run directory; '' nothing. Checks the tracking packages too, so that a
+    differ; `upgrade` renames the arguments of runs recorded under older option names); a run
+    directory, its newest complete checkpoint (the run continues where it stopped, whichever epoch
+    was its best); a file, that checkpoint; '' nothing. Checks the tracking packages too, so that a
     missing one is said before any work."""
     check_tracking(args)
     if args.resume == 'auto':
@@ -56,6 +58,14 @@ def find_resume(args, parser, kind, upgrade=None) -> Optional[Resume]:
         unit = 'iteration' if 'iteration' in found.checkpoint else 'epoch'
         _logger.info('--resume auto: %s (the newest complete checkpoint of %s, %s %d)', path, found.run_dir, unit,
                      training_step(found.checkpoint))
+        return Resume(path, found.checkpoint)
+    if args.resume and os.path.isdir(args.resume):  # a run directory: its newest complete state, not its best
+        found = newest_complete_checkpoint(args.resume)
+        if found is None:
+            raise CheckpointError(f'--resume {args.resume}: the folder holds no complete training checkpoint')
+        path = promote(found.path)
+        _logger.info('--resume %s: %s (its newest complete checkpoint, %s %d)', args.resume, path,
+                     'iteration' if 'iteration' in found.checkpoint else 'epoch', training_step(found.checkpoint))
         return Resume(path, found.checkpoint)
     if args.resume:
         path = resolve_checkpoint_path(args.resume)

@@ -48,21 +48,25 @@ def init_distributed(device=None, local_rank=0):
 
 @dataclass(frozen=True)
 class Amp:
-    """Mixed precision as resolved: the autocast factory, the loss scaler (float16 only) and which
-    implementation ('native', 'apex' or None for float32)."""
+    """Mixed precision as resolved: the autocast factory, the loss scaler (float16 only), which
+    implementation ('native', 'apex' or None for float32) and native AMP's dtype."""
     autocast: Callable = nullcontext
     loss_scaler: Optional[NativeScaler] = None
     kind: Optional[str] = None
+    dtype: Optional[str] = None  # 'float16' or 'bfloat16' for native AMP
 
 
-def native_amp(device, amp_dtype='float16'):
-    """torch.amp: float16 with a loss scaler on GPUs, bfloat16 (no scaler) when asked for and
-    always on CPUs."""
-    dtype = torch.bfloat16 if amp_dtype == 'bfloat16' or device.type == 'cpu' else torch.float16
-    if device.type == 'cpu' and amp_dtype == 'float16':
-        _logger.info('mixed precision on CPU runs in bfloat16')
+def native_amp(device, amp_dtype=None):
+    """torch.amp in `amp_dtype`: float16 with the loss scaler (torch.amp.GradScaler, on the CPU as on
+    GPUs), or bfloat16 without one. None: float16 on GPUs, bfloat16 on CPUs."""
+    if amp_dtype is None:
+        amp_dtype = 'bfloat16' if device.type == 'cpu' else 'float16'
+        if device.type == 'cpu':
+            _logger.info('mixed precision on CPU runs in bfloat16 (--amp-dtype float16 for float16 with the loss '
+                         'scaler, as on GPUs)')
+    dtype = torch.float16 if amp_dtype == 'float16' else torch.bfloat16
     scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
-    return Amp(partial(torch.autocast, device_type=device.type, dtype=dtype), scaler, 'native')
+    return Amp(partial(torch.autocast, device_type=device.type, dtype=dtype), scaler, 'native', amp_dtype)
 
 
 def resolve_amp(args, device, training=True):
@@ -119,7 +123,19 @@ def setup_runtime(args, training=True):
         random.seed(seed + rank)
         np.random.seed(seed + rank)
         torch.manual_seed(seed + rank)
+    configure_cuda(device)
     runtime = Runtime(device, rank, world_size, resolve_amp(args, device, training))
     if training and rank == 0:
-        _logger.info('Mixed precision: %s', runtime.amp.kind or 'off (float32)')
+        _logger.info('Mixed precision: %s', ' '.join(filter(None, (runtime.amp.kind, runtime.amp.dtype))) or
+                     'off (float32)')
     return runtime
+
+
+def configure_cuda(device):
+    """On a GPU, what timm's and DeiT's trainers set: cuDNN picks its fastest kernels for the
+    shapes it sees (cudnn.benchmark), and float32 matmuls and convolutions may use TF32."""
+    if device.type != 'cuda':
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
