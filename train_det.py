@@ -68,8 +68,9 @@ def get_parser():
                    help='proposals sampled per image to train the RoI heads (the recipe: 512)')
     p.add_argument('--train-sizes', type=positive_int, nargs='+', default=[800], metavar='SHORT',
                    help='training short side; several: one drawn per image (multi-scale)')
-    p.add_argument('--multi-scale', action='store_true',
-                   help=f'the multi-scale recipe: --train-sizes {" ".join(map(str, MULTI_SCALE_SIZES))}')
+    p.add_argument('--multi-scale', action=argparse.BooleanOptionalAction, default=False,
+                   help=f'the multi-scale recipe: --train-sizes {" ".join(map(str, MULTI_SCALE_SIZES))} '
+                        f'(--no-multi-scale: --train-sizes as given, over a config that sets it)')
     p.add_argument('--test-size', type=positive_int, default=800, metavar='SHORT', help='evaluation short side')
     p.add_argument('--max-size', type=positive_int, default=1333, help='longest side, training and evaluation')
     p.add_argument('--drop-path', type=float, default=0.1, help='backbone stochastic depth')
@@ -228,7 +229,8 @@ def main(argv=None):
     schedule = UpdateSchedule(optimizer, lambda iteration: step_lr(iteration, iteration // steps_per_epoch, args),
                               start=start_epoch * steps_per_epoch)
     step = TrainingStep(train_model, optimizer, runtime, schedule=schedule, clip_grad=args.clip_grad,
-                        memory_hint='-b, --train-sizes / --max-size (or use --amp)', updates=start_epoch * steps_per_epoch)
+                        memory_hint='-b, --train-sizes / --max-size (or use --amp)',
+                        updates=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         loader.batch_sampler.set_epoch(epoch)
         train_model.train()

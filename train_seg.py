@@ -19,15 +19,14 @@ from collections import OrderedDict
 from datetime import datetime
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import (DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, SegTrainTransform, build_seg_dataset,
                   seg_dataset_kind, seg_dataset_type)
 from engine import (RunDirectory, TrainingStep, UpdateSchedule, add_renamed, add_training_options, distributed_model,
-                    enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resume_training, run_trainer,
-                    setup_runtime)
+                    enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resume_training,
+                    run_trainer, setup_runtime, sync_batchnorm)
 from loss import SegmentationLoss
 from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
@@ -217,11 +216,7 @@ def main(argv=None):
         _logger.info('Segmentor %s + UPerHead: %d parameters, %d classes (%s), crop %dx%d', args.model,
                      sum(p.numel() for p in model.parameters()), args.num_classes, args.dataset, *args.crop_size)
     model.to(device)
-    if runtime.distributed and args.sync_bn:
-        if device.type == 'cuda':
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            _logger.warning('SyncBatchNorm needs CUDA: on CPU every process keeps its own BatchNorm statistics')
+    model = sync_batchnorm(model, runtime, args.sync_bn)
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=tuple(args.betas))
 
     start_iter = resume_training(model, resume, optimizer, runtime, args.iters, 'iteration', '--iters') if resume else 0

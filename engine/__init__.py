@@ -9,7 +9,8 @@ from .options import (add_amp_options, add_config_option, add_device_options, ad
                       extends_run, parse_with_config, resolved_later, run_extending)
 from .run import Resume, RunDirectory, find_resume, resume_training, run_trainer
 from .runs import ResumeError
-from .runtime import Amp, DeviceError, Runtime, distributed_model, resolve_amp, select_device, setup_runtime
+from .runtime import (Amp, DeviceError, Runtime, distributed_model, resolve_amp, select_device, setup_runtime,
+                      sync_batchnorm)
 from .step import (StepResult, TrainingStep, UpdateSchedule, agreed_loss, current_lr, enable_grad_checkpointing,
                    explain_out_of_memory, optimizer_step)
 from .validation import check_results_file, settings_from_training, write_results

@@ -114,6 +114,17 @@ def distributed_model(model, runtime):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
 
+def sync_batchnorm(model, runtime, enabled):
+    """--sync-bn: the model's BatchNorm layers become SyncBatchNorm when several processes train on
+    GPUs; elsewhere (torch's SyncBatchNorm runs on GPUs only) they stay, with a warning."""
+    if not (enabled and runtime.distributed):
+        return model
+    if runtime.device.type != 'cuda':
+        _logger.warning('SyncBatchNorm needs CUDA: on CPU every process keeps its own BatchNorm statistics')
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def setup_runtime(args, training=True):
     """Device and process group (torchrun's env:// when WORLD_SIZE > 1), seeds offset by rank, and
     mixed precision, from the shared options (engine/options.py)."""

@@ -133,3 +133,14 @@ def test_cuda_backends_are_set_for_gpus_only():
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_sync_bn_converts_only_for_several_gpu_processes(caplog):
+    from engine import sync_batchnorm
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    several_gpus = Runtime(torch.device('cuda', 0), rank=0, world_size=2)
+    assert isinstance(sync_batchnorm(model, several_gpus, True)[1], nn.SyncBatchNorm)
+    assert sync_batchnorm(model, several_gpus, False) is model
+    assert sync_batchnorm(model, Runtime(torch.device('cuda', 0)), True) is model  # one process: nothing to sync
+    assert sync_batchnorm(model, Runtime(torch.device('cpu'), rank=0, world_size=2), True) is model
+    assert 'SyncBatchNorm needs CUDA' in caplog.text
