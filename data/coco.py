@@ -2,16 +2,20 @@
 models take (their outputs go back to COCO's results format in utils/det_metrics.py).
 
 Any COCO-format annotation file with its image folder (COCO's own is `annotations/instances_{split}
-2017.json` + `{split}2017/`) is read through torchvision's CocoDetection (pycocotools underneath):
+2017.json` + `{split}2017/`), read through pycocotools after every field is checked
+(data/coco_annotations.py):
 - category ids (COCO's 1..90 with gaps) map to contiguous labels 1..K (0 is the background); the
   dataset keeps the map both ways (`label_to_category`, `category_to_label`);
 - masks: polygons (several parts merged), RLE compressed and uncompressed;
 - `iscrowd` regions are never training positives (COCO's evaluation ignores detections on them);
 - boxes narrower or lower than one pixel are dropped, counted in the log;
-- images without annotations give empty targets.
-What cannot be right (an image file that is missing, an annotation of an unknown image or category,
-a box outside its image, a mask of another size than its image) is a DataError naming the file and
-the id, raised when the dataset is opened, before any work.
+- images without annotations give empty targets;
+- images are read as shown (EXIF orientation applied, 16-bit scaled to 8) and must have the size the
+  file gives them.
+What cannot be right (a field of the wrong type or value, an image file that is missing, an
+annotation of an unknown image or category, a box outside its image, a mask of another size than
+its image) is a DataError naming the file and the id, raised when the dataset is opened, before any
+work; an image whose size disagrees with the file, or that cannot be read, when it is loaded.
 """
 import contextlib
 import io
@@ -23,19 +27,21 @@ from typing import List
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection
+from torchvision.datasets import CocoDetection, VisionDataset
 from torchvision.transforms import v2
 
+from .coco_annotations import read_coco_annotations
 from .dataset import DataError
+from .images import read_image
 
 __all__ = ['CocoInstances', 'AspectRatioBatchSampler', 'coco_split', 'collate_detection', 'detection_eval_loader',
            'detection_train_transform',
            'detection_eval_transform', 'MULTI_SCALE_SIZES']
 
 _logger = logging.getLogger(__name__)
-BOX_SLACK = 1.0  # pixels a box may pass its image's edge (COCO's float boxes round outwards)
 MULTI_SCALE_SIZES = tuple(range(480, 801, 32))  # the multi-scale recipe's short sides (long side <= 1333)
 
 
@@ -113,11 +119,12 @@ class CocoInstances(CocoDetection):
             raise DataError(f'{annotations}: no such annotation file')
         if not os.path.isdir(images):
             raise DataError(f'{images}: no such image folder')
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading steps
-                super().__init__(images, annotations)
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f'{annotations}: not a COCO-format annotation file ({type(e).__name__}: {e})') from None
+        VisionDataset.__init__(self, images)
+        self.coco = COCO()
+        self.coco.dataset = read_coco_annotations(annotations, with_masks=with_masks)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its indexing steps
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs)
         self.annotations_file = annotations
         self.train = train
         self.with_masks = with_masks
@@ -125,13 +132,13 @@ class CocoInstances(CocoDetection):
         categories = sorted(self.coco.getCatIds())
         self.label_to_category = [0] + categories  # label 0: the background
         self.category_to_label = {c: i + 1 for i, c in enumerate(categories)}
-        self.dropped_degenerate = 0
-        self._check()
+        self.dropped_degenerate = sum(1 for a in self.coco.dataset['annotations'] if not _trainable_box(a))
+        self._check_files()
         if self.dropped_degenerate:
             _logger.info('%s: %d boxes narrower or lower than 1 px dropped', annotations, self.dropped_degenerate)
         if train:
-            positive = {a['image_id'] for a in self.coco.dataset.get('annotations', [])
-                        if not a.get('iscrowd', 0) and a['bbox'][2] >= 1 and a['bbox'][3] >= 1}
+            positive = {a['image_id'] for a in self.coco.dataset['annotations']
+                        if not a.get('iscrowd', 0) and _trainable_box(a)}
             kept = [i for i in self.ids if i in positive]
             if not kept:
                 raise DataError(f'{annotations}: no image has an annotation to train on (every one is empty, a crowd '
@@ -150,30 +157,22 @@ class CocoInstances(CocoDetection):
         """Width / height of every image, from the annotation file (no image is opened)."""
         return [self.coco.imgs[i]['width'] / self.coco.imgs[i]['height'] for i in self.ids]
 
-    def _check(self):
-        images = self.coco.imgs
-        for ann in self.coco.dataset.get('annotations', []):
-            where = f'{self.annotations_file}: annotation {ann.get("id")}'
-            if ann.get('image_id') not in images:
-                raise DataError(f'{where} refers to image {ann.get("image_id")}, which the file does not list')
-            if ann.get('category_id') not in self.category_to_label:
-                raise DataError(f'{where} refers to category {ann.get("category_id")}, which the file does not list')
-            info = images[ann['image_id']]
-            x, y, w, h = ann['bbox']
-            if x < -BOX_SLACK or y < -BOX_SLACK or x + w > info['width'] + BOX_SLACK or \
-                    y + h > info['height'] + BOX_SLACK:
-                raise DataError(f'{where}: box {ann["bbox"]} is outside its image {info["file_name"]} '
-                                f'({info["width"]}x{info["height"]})')
-            seg = ann.get('segmentation')
-            if isinstance(seg, dict) and list(seg.get('size', [])) != [info['height'], info['width']]:
-                raise DataError(f'{where}: mask of size {seg.get("size")} for image {info["file_name"]} of '
-                                f'{info["height"]}x{info["width"]}')
-            if w < 1 or h < 1:
-                self.dropped_degenerate += 1
+    def _check_files(self):
         for image_id in self.ids:
-            path = os.path.join(self.root, images[image_id]['file_name'])
+            path = os.path.join(self.root, self.coco.imgs[image_id]['file_name'])
             if not os.path.isfile(path):
                 raise DataError(f'{path}: image {image_id} of {self.annotations_file} is missing')
+
+    def _load_image(self, image_id):
+        """The image as shown (EXIF orientation applied), which must have the size the annotation file
+        gives it: boxes and masks are drawn on that."""
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.root, info['file_name'])
+        image = read_image(path)
+        if image.size != (info['width'], info['height']):
+            raise DataError(f'{path}: image {image_id} is {image.size[0]}x{image.size[1]} as shown, but '
+                            f'{self.annotations_file} gives it {info["width"]}x{info["height"]}')
+        return image
 
     def _mask(self, ann, height, width):
         seg = ann['segmentation']
@@ -189,7 +188,7 @@ class CocoInstances(CocoDetection):
         image_id = self.ids[index]
         image = self._load_image(image_id)
         width, height = image.size
-        anns = [a for a in self._load_target(image_id) if a['bbox'][2] >= 1 and a['bbox'][3] >= 1]
+        anns = [a for a in self._load_target(image_id) if _trainable_box(a)]
         if self.train:
             anns = [a for a in anns if not a.get('iscrowd', 0)]
         boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -207,6 +206,10 @@ class CocoInstances(CocoDetection):
                 np.zeros((0, height, width), dtype=np.uint8)
             target['masks'] = tv_tensors.Mask(torch.from_numpy(masks))
         return self.transforms(image, target)
+
+
+def _trainable_box(annotation):
+    return annotation['bbox'][2] >= 1 and annotation['bbox'][3] >= 1
 
 
 def detection_eval_loader(dataset, batch_size=2, workers=2, rank=0, world_size=1):

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from layers import IGNORE_INDEX
 from .dataset import DataError
+from .images import read_image
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
@@ -181,12 +182,8 @@ class SegmentationDataset(Dataset):
         return label.astype(np.uint8)
 
     def read_image(self, index) -> Image.Image:
-        path = self.pairs[index][0]
-        try:
-            with Image.open(path) as img:
-                return img.convert('RGB')
-        except (OSError, SyntaxError) as e:
-            raise DataError(f'{path}: not a readable image ({e})') from None
+        """The image of pair `index` as shown (EXIF orientation applied, 16-bit scaled to 8 bits)."""
+        return read_image(self.pairs[index][0])
 
     def __getitem__(self, index):
         image, label = self.read_image(index), self.read_label(index)
