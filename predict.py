@@ -41,8 +41,8 @@ import validate_seg
 from data import (ADE20K_CLASSES, CITYSCAPES_CLASSES, DATASET_KINDS, REDUCE_ZERO_LABEL, TEST_SCALES, DataError,
                   ImageFiles, SegEvalTransform, eval_transform, find_images, seg_dataset_type, wrap_loader)
 from data.coco import detection_eval_transform
-from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, check_writable_folder,
-                    resolve_amp, save_image, select_device, write_atomically, write_results)
+from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
+                    check_writable_folder, resolve_amp, save_image, select_device, write_atomically, write_results)
 from models.detection import detector_settings, inference_size
 from models.segmentation import SEGMENTATION_BACKBONES
 from utils import CheckpointError, read_checkpoint
@@ -327,6 +327,11 @@ def main(argv=None):
         if getattr(args, option):
             check_writable_folder(getattr(args, option), f'--{option.replace("_", "-")}')
     paths = find_images(args.images)
+    _, files = relative_names(paths)
+    check_outputs(reads=[('the image', path) for path in paths] + [('--checkpoint', args.checkpoint)],
+                  writes=[('--results-file', args.results_file, None), ('--save-results', args.save_results, None),
+                          ('--save-predictions', args.save_predictions, files),
+                          ('--save-overlays', args.save_overlays, files)])
     device = select_device(args.device)
     autocast = resolve_amp(args, device, training=False).autocast
     contents = read_checkpoint(args.checkpoint, use_ema=args.use_ema) if args.checkpoint else None

@@ -29,8 +29,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import models  # noqa: F401  (registers this repo's models with timm)
 from models import check_file_settings, check_img_size, numerics_kwargs
 from data import DataError, open_split
-from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, resolve_amp,
-                    select_device, settings_from_training, write_results)
+from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
+                    resolve_amp, select_device, settings_from_training, write_results)
 from utils import CheckpointError, checkpoint_num_classes, load_pretrained_weights, read_checkpoint
 from utils.cli import PartialFailure, UsageError, run_cli
 from utils.config import dataset_type, positive_int
@@ -224,13 +224,17 @@ def main(argv=None):
     if log_file:
         log_to_file(log_file)
     check_results_file(args.results_file, ('.csv', '.json'))
+    checkpoints = checkpoints_in(args.checkpoint) if args.checkpoint and os.path.isdir(args.checkpoint) else \
+        [args.checkpoint]
+    check_outputs(reads=[('the checkpoint', path) for path in checkpoints],
+                  writes=[('--results-file', args.results_file, None)])
     device = select_device(args.device)
     autocast = resolve_amp(args, device, training=False).autocast
     source = open_split(args.dataset, args.data, args.split)
     failed = []
     if args.checkpoint and os.path.isdir(args.checkpoint):
         rows = []
-        for ckpt in checkpoints_in(args.checkpoint):
+        for ckpt in checkpoints:
             try:
                 rows.append(validate_one(args, ckpt, source, device, autocast))
             except CheckpointError as e:  # the others are still evaluated

@@ -29,8 +29,9 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from data import DataError
 from data.coco import CocoInstances, coco_split, detection_eval_loader
-from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, check_writable_folder,
-                    save_image, settings_from_training, setup_runtime, write_atomically, write_results)
+from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
+                    check_writable_folder, save_image, settings_from_training, setup_runtime, write_atomically,
+                    write_results)
 from models import check_img_size
 from models.detection import build_detector, detector_settings, inference_size, position_grid_size
 from models.segmentation import SEGMENTATION_BACKBONES
@@ -116,9 +117,13 @@ def overlay_writer(dataset, folder, threshold):
             drawn = draw_detections(os.path.join(dataset.root, info['file_name']),
                                     {k: v.detach().cpu() for k, v in output.items()}, dataset.class_names, threshold,
                                     colours)
-            stem = os.path.splitext(os.path.basename(info['file_name']))[0]
-            save_image(drawn, os.path.join(folder, f'{stem}.png'))
+            save_image(drawn, os.path.join(folder, overlay_name(dataset, image_id)))
     return write
+
+
+def overlay_name(dataset, image_id):
+    """The file an image's overlay is written to: its file name's stem, .png."""
+    return os.path.splitext(os.path.basename(dataset.coco.imgs[image_id]['file_name']))[0] + '.png'
 
 
 def resolve_settings(args, contents):
@@ -170,6 +175,10 @@ def main(argv=None):
     if contents.class_names and list(contents.class_names) != dataset.class_names:
         raise UsageError(f'{contents.path} was trained on the categories {contents.class_names}, {annotations} lists '
                          f'{dataset.class_names} (in id order)')
+    check_outputs(reads=[('--checkpoint', contents.path), ('the annotation file', annotations)] +
+                  [('the image', os.path.join(dataset.root, info['file_name'])) for info in dataset.coco.imgs.values()],
+                  writes=[('--results-file', args.results_file, None), ('--save-results', args.save_results, None),
+                          ('--save-overlays', args.save_overlays, [overlay_name(dataset, i) for i in dataset.ids])])
     model.to(runtime.device).eval()
 
     on_outputs = overlay_writer(dataset, args.save_overlays, args.overlay_threshold) if args.save_overlays else None

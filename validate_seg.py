@@ -22,8 +22,9 @@ from PIL import Image
 
 from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset, seg_dataset_kind, \
     seg_dataset_type
-from engine import (DiskFullError, add_amp_options, add_device_options, check_results_file, check_writable_folder,
-                    resolve_amp, save_image, select_device, settings_from_training, write_results)
+from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
+                    check_writable_folder, resolve_amp, save_image, select_device, settings_from_training,
+                    write_results)
 from models import check_img_size
 from models.segmentation import SEGMENTATION_BACKBONES, build_segmentor, size_divisor
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint
@@ -154,6 +155,12 @@ def main(argv=None):
         raise UsageError(f'{contents.path} predicts {model.num_classes} classes, but the {settings["dataset"]} '
                          f'dataset at {args.data} has {dataset.num_classes}')
     class_names = contents.class_names or dataset.class_names
+    names = [prediction_name(dataset, index) for index in range(len(dataset))]
+    check_outputs(reads=[('--checkpoint', contents.path)] + [(what, path) for pair in dataset.pairs
+                                                             for what, path in zip(('the image', 'the label'), pair)],
+                  writes=[('--results-file', args.results_file, None),
+                          ('--save-predictions', args.save_predictions, names),
+                          ('--save-overlays', args.save_overlays, names)])
     model.to(device).eval()
     autocast = resolve_amp(args, device, training=False).autocast
     args.mode = args.mode or 'slide'
@@ -164,14 +171,12 @@ def main(argv=None):
         offset = 1 if dataset.reduce_zero_label else 0
 
         def save_outputs(index, pred):
-            image_path = dataset.pairs[index][0]
-            stem = os.path.splitext(os.path.basename(dataset.pairs[index][1]))[0]
+            image_path, name = dataset.pairs[index][0], prediction_name(dataset, index)
             pred = pred.numpy()
             if args.save_predictions:
-                save_image(Image.fromarray((pred + offset).astype(np.uint8)),
-                           os.path.join(args.save_predictions, f'{stem}.png'))
+                save_image(Image.fromarray((pred + offset).astype(np.uint8)), os.path.join(args.save_predictions, name))
             if args.save_overlays:
-                save_image(make_overlay(image_path, pred, colours), os.path.join(args.save_overlays, f'{stem}.png'))
+                save_image(make_overlay(image_path, pred, colours), os.path.join(args.save_overlays, name))
         on_prediction = save_outputs
 
     ratios, flip = (AUG_TEST_RATIOS, True) if args.aug_test else ((1.0,), False)
@@ -193,6 +198,11 @@ def main(argv=None):
     if args.results_file:
         write_results(args.results_file, results)
     return results
+
+
+def prediction_name(dataset, index):
+    """The file an image's prediction and overlay are written to: its label's stem, .png."""
+    return os.path.splitext(os.path.basename(dataset.pairs[index][1]))[0] + '.png'
 
 
 def cli(argv=None):

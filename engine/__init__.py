@@ -13,4 +13,4 @@ from .runtime import (Amp, DeviceError, Runtime, distributed_model, resolve_amp,
                       sync_batchnorm)
 from .step import (StepResult, TrainingStep, UpdateSchedule, agreed_loss, current_lr, enable_grad_checkpointing,
                    explain_out_of_memory, optimizer_step)
-from .validation import check_results_file, settings_from_training, write_results
+from .validation import check_outputs, check_results_file, settings_from_training, write_results

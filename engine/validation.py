@@ -51,6 +51,30 @@ def check_results_file(path, suffixes=('.json',), option='--results-file'):
     check_writable_folder(folder, option, named=path)
 
 
+def check_outputs(reads, writes):
+    """Before any work, that no output writes over what the command reads, nor over another output.
+    `reads`: (what, path) of each file the command reads (a checkpoint, an annotation file, each
+    image); `writes`: (option, path, names): a file output (names None), or a folder output and the
+    file names it will write in it. A clash is a UsageError naming both."""
+    owner = {}
+    for option, path, names in writes:
+        if not path:
+            continue
+        for target in ([path] if names is None else [os.path.join(path, name) for name in names]):
+            key = os.path.realpath(target)
+            if key in owner and owner[key][0] != option:
+                other, other_path = owner[key]
+                raise UsageError(f'{option} {path} and {other} {other_path} would both write {target}: give them '
+                                 f'different paths')
+            owner.setdefault(key, (option, path))
+    for what, path in reads:
+        written = owner.get(os.path.realpath(path)) if path else None
+        if written is not None:
+            option, given = written
+            raise UsageError(f'{option} {given} would write over {what} {path}: outputs never replace inputs; choose '
+                             f'another path')
+
+
 def _json_safe(value):
     """NaN (e.g. a class absent from labels and predictions) as null: strict JSON has no NaN."""
     if isinstance(value, float) and math.isnan(value):

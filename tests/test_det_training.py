@@ -5,6 +5,7 @@ import copy
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -361,3 +362,40 @@ def test_bad_command_lines_are_one_line(coco, trained, tmp_path, capsys):
         assert exit_info.value.code == 2, argv
         err = capsys.readouterr().err
         assert 'Traceback' not in err and message in err.strip().splitlines()[-1], (argv, err)
+
+
+def test_outputs_never_write_over_inputs_or_each_other(coco, trained, tmp_path, capsys):
+    """Each clash is one line naming both paths, found before any work; the inputs are untouched."""
+    run, _ = trained
+    val = os.path.join(coco, 'val2017')
+    ann = os.path.join(coco, 'annotations', 'instances_val2017.json')
+    png = tmp_path / 'png'  # a PNG dataset: overlays would take the images' own names
+    shutil.copytree(val, png)
+    for path in png.iterdir():
+        Image.open(path).save(path.with_suffix('.png'))
+        path.unlink()
+    png_ann = json.load(open(ann))
+    for info in png_ann['images']:
+        info['file_name'] = os.path.splitext(info['file_name'])[0] + '.png'
+    (tmp_path / 'png.json').write_text(json.dumps(png_ann))
+    before = {p: open(p, 'rb').read() for p in [ann, *glob.glob(str(png / '*'))]}
+    cases = [
+        (validate_det.cli, [coco, '--checkpoint', run, '--results-file', ann],
+         f'--results-file {ann} would write over the annotation file {ann}'),
+        (validate_det.cli, ['--ann', str(tmp_path / 'png.json'), '--images', str(png), '--checkpoint', run,
+                            '--save-overlays', str(png)], f'--save-overlays {png} would write over the image {png}'),
+        (validate_det.cli, [coco, '--checkpoint', run, '--results-file', str(tmp_path / 'r.json'), '--save-results',
+                            str(tmp_path / 'r.json')], f'--save-results {tmp_path / "r.json"} and --results-file'),
+        (predict.cli, [str(png), '--checkpoint', run, '--save-overlays', str(png)],
+         f'--save-overlays {png} would write over the image {png}'),
+        (predict.cli, [val, '--checkpoint', run, '--results-file', str(tmp_path / 'p.json'), '--save-results',
+                       str(tmp_path / 'p.json')], f'--save-results {tmp_path / "p.json"} and --results-file'),
+    ]
+    for cli, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli([*argv, '-j', '0'])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith('ERROR')]
+        assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
+    assert before == {p: open(p, 'rb').read() for p in before}
+    assert not (tmp_path / 'r.json').exists() and not (tmp_path / 'p.json').exists()

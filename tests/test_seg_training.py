@@ -20,6 +20,7 @@ from tools import cityscapes_train_ids
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
 from tests.forked import run_ranks
+from utils.cli import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
@@ -155,6 +156,14 @@ def test_aug_test_runs_every_scale_and_flip(folder, tmp_path):
     tta = validate_seg.main([folder, '--checkpoint', run, '--mode', 'whole', '--aug-test', '-j', '0'])
     assert plain['images'] == tta['images'] == 2 and tta['aug_test'] and [r['class'] for r in tta['per_class']] == \
         ['background', 'ellipse', 'rectangle', 'triangle']
+    labels = os.path.join(folder, 'labels', 'val')  # predictions named as the labels: into their folder, a clash
+    before = {name: open(os.path.join(labels, name), 'rb').read() for name in os.listdir(labels)}
+    with pytest.raises(UsageError, match=rf'--save-predictions {labels} would write over the label {labels}'):
+        validate_seg.main([folder, '--checkpoint', run, '--mode', 'whole', '-j', '0', '--save-predictions', labels])
+    with pytest.raises(UsageError, match='--save-overlays .* and --save-predictions .* would both write'):
+        validate_seg.main([folder, '--checkpoint', run, '--mode', 'whole', '-j', '0', '--save-predictions',
+                           str(tmp_path / 'p'), '--save-overlays', str(tmp_path / 'p')])
+    assert before == {name: open(os.path.join(labels, name), 'rb').read() for name in os.listdir(labels)}
 
 
 def test_cityscapes_train_ids_tool(cityscapes, tmp_path, capsys):
