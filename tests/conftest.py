@@ -1,8 +1,16 @@
 import os
+import sys
+
+
+def _gpu_tests_asked_for():
+    """`-m gpu` on the command line: the GPU tests (tests/test_gpu.py), which need the kernels compiled."""
+    argv = sys.argv[1:]
+    return '-mgpu' in argv or any(a == '-m' and argv[i + 1:i + 2] == ['gpu'] for i, a in enumerate(argv))
+
 
 # Triton kernels run on CPU tensors only in Triton's interpreter, chosen when triton is first
-# imported (torch imports it): set before any test module imports torch.
-os.environ.setdefault('TRITON_INTERPRET', '1')
+# imported (torch imports it): set before any test module imports torch. `-m gpu` compiles them.
+os.environ.setdefault('TRITON_INTERPRET', '0' if _gpu_tests_asked_for() else '1')
 if os.environ.get('PYTEST_XDIST_WORKER'):
     # pytest -n 2 (pytest.ini) on 2 cores: one thread per worker process, no oversubscription
     os.environ.setdefault('OMP_NUM_THREADS', '1')

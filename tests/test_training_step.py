@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV2
 
 from engine import TrainingStep, UpdateSchedule
-from engine.runtime import Amp, Runtime, configure_cuda, native_amp
+from engine.runtime import Amp, Runtime, native_amp
 from utils.cli import NonFiniteLoss
 
 
@@ -119,20 +119,6 @@ def test_lr_mult_scales_each_group():
     optimizer = torch.optim.SGD([{'params': [a], 'lr_mult': 0.1}, {'params': [b]}], lr=1.0)
     UpdateSchedule(optimizer, lambda update: 2.0)
     assert [g['lr'] for g in optimizer.param_groups] == [pytest.approx(0.2), 2.0]
-
-
-def test_cuda_backends_are_set_for_gpus_only():
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        configure_cuda(torch.device('cpu'))
-        assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32)
-        configure_cuda(torch.device('cuda'))
-        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def test_sync_bn_converts_only_for_several_gpu_processes(caplog):
