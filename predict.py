@@ -41,9 +41,10 @@ import validate_seg
 from data import (ADE20K_CLASSES, CITYSCAPES_CLASSES, DATASET_KINDS, REDUCE_ZERO_LABEL, TEST_SCALES, DataError,
                   ImageFiles, SegEvalTransform, eval_transform, find_images, seg_dataset_type, wrap_loader)
 from data.coco import detection_eval_transform
+from data.images import read_shown
 from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
                     check_writable_folder, resolve_amp, save_image, select_device, write_atomically, write_results)
-from models.detection import detector_settings, inference_size
+from models.detection import detector_settings, inference_size, kept_detections
 from models.segmentation import SEGMENTATION_BACKBONES
 from utils import CheckpointError, read_checkpoint
 from utils.cli import PartialFailure, UsageError, run_cli
@@ -54,6 +55,7 @@ from utils.seg_inference import AUG_TEST_RATIOS, predict_scores
 from validate import add_model_options, build_classifier
 
 _logger = logging.getLogger('predict')
+MAX_ASPECT = 50  # an image's long side over its short side, at most
 IMAGENET_CLASSES = 1000
 TASKS = ('classify', 'seg', 'det')
 SEG_CLASS_NAMES = {'ade20k': ADE20K_CLASSES, 'cityscapes': CITYSCAPES_CLASSES}
@@ -141,15 +143,21 @@ def relative_names(paths):
     return relative, outputs
 
 
-def _with_size(transform, image):
-    return transform(image), image.size
+def read_for_prediction(path, longest=None):
+    """(the image as shown, possibly decoded reduced for a model that resizes to `longest` at most,
+    and the whole image's shown (width, height)); an image too narrow for any model is a DataError."""
+    image, shown = read_shown(path, longest)
+    if max(shown) > MAX_ASPECT * min(shown):
+        raise DataError(f'{path}: {shown[0]}x{shown[1]} is too narrow to predict on (sides over {MAX_ASPECT}:1)')
+    return image, shown
 
 
-def image_loader(paths, transform, batch_size, workers):
-    """Batches (lists) of ((transform(image), (width, height)), index); an unreadable file comes as
-    (None, -1 - index)."""
-    dataset = ImageFiles(paths, functools.partial(_with_size, transform), placeholder=None)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+def image_loader(paths, transform, batch_size, workers, longest=None):
+    """(the images' ImageFiles, batches (lists) of ((transform(image), its shown (width, height)),
+    index)); a file that cannot be read or transformed comes as (None, -1 - index)."""
+    dataset = ImageFiles(paths, lambda item: (transform(item[0]), item[1]), placeholder=None,
+                         read=functools.partial(read_for_prediction, longest=longest))
+    return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
 
 
 def class_names(contents, num_classes):
@@ -168,7 +176,8 @@ def predict(model, paths, data_config, args, device, autocast):
     probability) pairs, in the order of `paths`."""
     size = data_config['input_size'][-1]
     transform = eval_transform(size, data_config['crop_pct'], data_config['interpolation'])
-    dataset = ImageFiles(paths, transform, placeholder=torch.zeros(3, size, size, dtype=torch.uint8))
+    dataset = ImageFiles(paths, transform, placeholder=torch.zeros(3, size, size, dtype=torch.uint8),
+                         read=lambda path: read_for_prediction(path, longest=size)[0])
     loader = wrap_loader(dataset, args.batch_size, is_training=False, device=device, num_workers=args.workers,
                          persistent_workers=False, mean=data_config['mean'], std=data_config['std'])
     top = {}
@@ -181,7 +190,7 @@ def predict(model, paths, data_config, args, device, autocast):
             probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
             for index, p, c in zip(indices.tolist(), probs.tolist(), classes.tolist()):
                 if index < 0:
-                    unreadable.append(paths[-1 - index])
+                    unreadable.append(dataset.failure(-1 - index))
                 else:
                     top[index] = list(zip(c, p))
     return [top[i] for i in sorted(top)], [paths[i] for i in sorted(top)], unreadable
@@ -228,11 +237,11 @@ def segment(args, contents, paths, device, autocast):
                  f' (crop {crop_size[0]}x{crop_size[1]}, stride {stride[0]}x{stride[1]})' if mode == 'slide' else '',
                  test_scale or 'as is')
     rows, unreadable = [], []
-    loader = image_loader(paths, transform.image, 1, args.workers)
+    dataset, loader = image_loader(paths, transform.image, 1, args.workers)
     with torch.inference_mode():
         for [(item, index)] in tqdm(loader, desc='predict', unit='image', disable=None):
             if item is None:
-                unreadable.append(paths[-1 - index])
+                unreadable.append(dataset.failure(-1 - index))
                 continue
             image, (width, height) = item
             with autocast():
@@ -257,7 +266,8 @@ def segment(args, contents, paths, device, autocast):
 
 
 def detect(args, contents, paths, device, autocast):
-    """Detections at each image's original size, as validate_det.py makes them (same test size)."""
+    """The detections scoring at least --score-threshold at each image's original size (as shown), as
+    validate_det.py makes them (same test size); Mask R-CNN's masks pasted for those only."""
     settings = validate_det.resolve_settings(args, contents)
     model, shape = validate_det.build_from_checkpoint(contents, settings['model'], settings['test_size'],
                                                       settings['max_size'])
@@ -274,17 +284,19 @@ def detect(args, contents, paths, device, autocast):
     _logger.info('%s on %s (%d classes) on %d images at short side %d (long <= %d)', shape['kind'],
                  settings['model'], count, len(paths), settings['test_size'], settings['max_size'])
     images, annotations, rows, unreadable = [], [], [], []
-    loader = image_loader(paths, detection_eval_transform(), args.batch_size, args.workers)
+    dataset, loader = image_loader(paths, detection_eval_transform(), args.batch_size, args.workers,
+                                   longest=settings['max_size'])
     with torch.inference_mode(), inference_size(model, settings['test_size'], settings['max_size']):
         for batch in tqdm(loader, desc='predict', unit='batch', disable=None):
-            unreadable += [paths[-1 - index] for item, index in batch if item is None]
+            unreadable += [dataset.failure(-1 - index) for item, index in batch if item is None]
             batch = [(item, index) for item, index in batch if item is not None]
             if not batch:
                 continue
             with autocast():
-                outputs = model([image.to(device) for (image, _), _ in batch])
+                outputs = kept_detections(model, [image.to(device) for (image, _), _ in batch],
+                                          [(height, width) for (_, (width, height)), _ in batch], threshold)
             for ((_, (width, height)), index), output in zip(batch, outputs):
-                output = {k: v.detach().cpu() for k, v in output.items()}
+                output = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in output.items()}
                 image_id = index + 1
                 images.append({'id': image_id, 'file_name': relative[index], 'path': paths[index], 'width': width,
                                'height': height})
@@ -295,8 +307,8 @@ def detect(args, contents, paths, device, autocast):
                 if args.save_overlays:
                     save_image(validate_det.draw_detections(paths[index], output, names, threshold, colours),
                                os.path.join(args.save_overlays, files[index]))
-                keep = (output['scores'] >= threshold).nonzero()[:, 0][:args.topk].tolist()
-                row = {'path': paths[index], 'detections': int((output['scores'] >= threshold).sum())}
+                keep = range(min(args.topk, len(output['scores'])))
+                row = {'path': paths[index], 'detections': len(output['scores'])}
                 for rank, i in enumerate(keep, start=1):
                     label = int(output['labels'][i])
                     row[f'class_{rank}'] = names[label - 1]
@@ -341,8 +353,8 @@ def main(argv=None):
                                                                               autocast)
     if args.results_file and rows:
         write_results(args.results_file, rows)
-    for path in unreadable:
-        _logger.error('unreadable, skipped: %s', path)
+    for failure in unreadable:
+        _logger.error('unreadable, skipped: %s', failure)
     if unreadable:
         raise PartialFailure(f'{len(unreadable)} of {len(paths)} images could not be read')
     return rows

@@ -25,10 +25,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes
 
 from data import DataError
 from data.coco import CocoInstances, coco_split, detection_eval_loader
+from data.images import read_image
 from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
                     check_writable_folder, save_image, settings_from_training, setup_runtime, write_atomically,
                     write_results)
@@ -38,7 +39,7 @@ from models.segmentation import SEGMENTATION_BACKBONES
 from utils import CheckpointError, load_pretrained_weights, read_checkpoint
 from utils.cli import UsageError, run_cli
 from utils.config import positive_int
-from utils.det_metrics import coco_stats, evaluate_detection
+from utils.det_metrics import binary_mask, coco_stats, evaluate_detection
 from utils.log import log_to_file, setup_logging
 
 _logger = logging.getLogger('validate_det')
@@ -88,8 +89,7 @@ def draw_detections(image_path, output, class_names, threshold, colours, min_sid
     """The image with the detections scoring at least `threshold`: masks (Mask R-CNN) blended in,
     boxes, and 'name score' labels. Images with a side under `min_side` are enlarged (by a whole
     factor, nearest) so that the labels stay readable."""
-    with Image.open(image_path) as img:
-        image = img.convert('RGB')
+    image = read_image(image_path)
     factor = max(1, math.ceil(min_side / min(image.size)))
     if factor > 1:
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
@@ -98,13 +98,26 @@ def draw_detections(image_path, output, class_names, threshold, colours, min_sid
     labels = output['labels'][keep].tolist()
     colour = [colours[label] for label in labels]
     if 'masks' in output and keep.any():
-        masks = output['masks'][keep][:, 0] > 0.5
-        masks = masks.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
-        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colour)
+        image = blend_masks(image, output['masks'], keep.nonzero()[:, 0].tolist(), colour, factor)
     if keep.any():
         text = [f'{class_names[label - 1]} {score:.2f}' for label, score in zip(labels, output['scores'][keep].tolist())]
         image = draw_bounding_boxes(image, output['boxes'][keep] * factor, labels=text, colors=colour, width=2)
     return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def blend_masks(image, masks, indices, colours, factor=1, alpha=0.45):
+    """`image` (3, H, W uint8) with the masks `indices` of `masks` (binary_mask reads them, one at a
+    time, enlarged by `factor`) painted in `colours` and blended at `alpha`: what
+    draw_segmentation_masks draws, without stacking every mask at the image's size; where masks
+    overlap the later one shows (torchvision blacks overlaps out)."""
+    painted, covered = image.clone(), torch.zeros(image.shape[1:], dtype=torch.bool)
+    for i, colour in zip(indices, colours):
+        mask = binary_mask(masks, i).repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+        painted[:, mask] = torch.tensor(colour, dtype=torch.uint8)[:, None]
+        covered |= mask
+    blended = image.clone()
+    blended[:, covered] = (image[:, covered] * (1 - alpha) + painted[:, covered] * alpha).to(torch.uint8)
+    return blended
 
 
 def overlay_writer(dataset, folder, threshold):

@@ -22,6 +22,7 @@ from PIL import Image
 
 from data import DATASET_KINDS, TEST_SCALES, DataError, SegEvalTransform, build_seg_dataset, seg_dataset_kind, \
     seg_dataset_type
+from data.images import read_image
 from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
                     check_writable_folder, resolve_amp, save_image, select_device, settings_from_training,
                     write_results)
@@ -82,8 +83,7 @@ def palette(num_classes):
 def make_overlay(image_path, pred, colours, alpha=0.5):
     """The original image blended with the prediction's class colours (predictions at the label's
     size, which is the image's)."""
-    with Image.open(image_path) as img:
-        image = np.asarray(img.convert('RGB'), dtype=np.float32)
+    image = np.asarray(read_image(image_path), dtype=np.float32)
     colour = colours[np.minimum(pred, len(colours) - 1)].astype(np.float32)
     return Image.fromarray((image * (1 - alpha) + colour * alpha).astype(np.uint8))
 

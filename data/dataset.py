@@ -248,20 +248,28 @@ def find_images(inputs):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(image, index) for a list of image files. An unreadable file gives `placeholder` (an image of
-    the transform's output shape) and -1 - index, so that a batch of only unreadable files still
-    collates and the caller knows which ones they were."""
+    """(transform(read(path)), index) for a list of image files. A file that cannot be read or
+    transformed (data/images.py's read_image refuses what it cannot read as shown) gives
+    `placeholder` (an image of the transform's output shape) and -1 - index, so that a batch of only
+    such files still collates and the caller knows which ones they were; `failure(index)` says why."""
 
-    def __init__(self, paths, transform, placeholder):
-        self.paths, self.transform, self.placeholder = list(paths), transform, placeholder
+    def __init__(self, paths, transform, placeholder, read):
+        self.paths, self.transform, self.placeholder, self.read = list(paths), transform, placeholder, read
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            with open(self.paths[index], 'rb') as f:
-                image = Image.open(f).convert('RGB')
-        except (OSError, ValueError, Image.DecompressionBombError):
+            return self.transform(self.read(self.paths[index])), index
+        except (DataError, OSError, ValueError, RuntimeError):
             return self.placeholder, -1 - index
-        return self.transform(image), index
+
+    def failure(self, index) -> str:
+        """Why the file `index` gives the placeholder (read again, in this process)."""
+        try:
+            self.transform(self.read(self.paths[index]))
+        except (DataError, OSError, ValueError, RuntimeError) as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return text if text.startswith(self.paths[index]) else f'{self.paths[index]}: {text}'
+        return f'{self.paths[index]}: read on a second try'

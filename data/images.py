@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 
 from .dataset import DataError
 
-__all__ = ['ImageTooLarge', 'MAX_PIXELS', 'displayed_size', 'read_image']
+__all__ = ['ImageTooLarge', 'MAX_PIXELS', 'displayed_size', 'read_image', 'read_shown']
 
 ORIENTATION = 0x0112  # the EXIF tag
 SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the stored image by 90 degrees
@@ -46,15 +46,22 @@ def read_image(path, longest=None) -> Image.Image:
     it to; a JPEG much larger than that is decoded reduced (by 2, 4 or 8, staying at least twice
     `longest`). An image of more than MAX_PIXELS pixels that cannot be reduced so is refused with
     ImageTooLarge; an unreadable one is a DataError naming the file."""
+    return read_shown(path, longest)[0]
+
+
+def read_shown(path, longest=None):
+    """(read_image(path, longest), the (width, height) of the whole image as shown): the size the
+    image has for the user, of which a reduced decoding is a scaled copy."""
     try:
         with Image.open(path) as image:
             width, height = image.size
+            shown = displayed_size(image)
             if longest and image.format == 'JPEG' and max(width, height) > 4 * longest:
                 image.draft('RGB', (2 * longest, 2 * longest))
             if image.size[0] * image.size[1] > MAX_PIXELS:
-                raise ImageTooLarge(f'{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is more than this '
-                                    f'reads ({MAX_PIXELS // 1_000_000} MP); make it smaller first')
+                raise ImageTooLarge(f'{path}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is more than '
+                                    f'this reads ({MAX_PIXELS // 1_000_000} MP); make it smaller first')
             image.load()
-            return _eight_bit(ImageOps.exif_transpose(image), path).convert('RGB')
+            return _eight_bit(ImageOps.exif_transpose(image), path).convert('RGB'), shown
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f'{path}: not a readable image ({e})') from None

@@ -30,6 +30,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -132,6 +134,51 @@ def position_grid_size(backbone_name, short_side, max_size):
     input at this short side and long-side cap (other inputs resize them on the fly)."""
     divisor = max(32, size_divisor(backbone_name))
     return tuple(-(-side // divisor) * divisor for side in (short_side, max_size))
+
+
+class PastedMasks:
+    """Mask R-CNN's masks of some detections at an image's size, pasted (from the head's 28x28
+    probabilities, as torchvision pastes them) when one is asked for: masks[i] is a boolean
+    (height, width) tensor on the CPU. The whole stack at a photograph's size would take K x H x W
+    bytes; one at a time takes H x W."""
+
+    def __init__(self, probabilities, boxes, size, threshold=0.5):
+        self.probabilities, self.boxes, self.size, self.threshold = probabilities, boxes, tuple(size), threshold
+
+    def __len__(self):
+        return len(self.boxes)
+
+    def __getitem__(self, i):
+        pasted = paste_masks_in_image(self.probabilities[i:i + 1], self.boxes[i:i + 1], self.size)
+        return (pasted[0, 0] > self.threshold).cpu()
+
+
+def kept_detections(model, images, output_sizes, score_threshold):
+    """The detections of a torchvision detector (in eval mode) on `images` that score at least
+    `score_threshold`, in the coordinates of `output_sizes` ((height, width) each: the images as the
+    user has them, of which `images` may be reductions). Mask R-CNN's 'masks' come as PastedMasks,
+    each pasted when it is used: model(images) pastes every one of its (up to 100) detections'
+    masks as floats at the input size, gigabytes for a phone's photograph. Otherwise what
+    model(images) gives, filtered and rescaled."""
+    with_masks = isinstance(model, MaskRCNN) and model.roi_heads.has_mask()
+    if not with_masks:
+        outputs = model(images)
+        sizes = [tuple(image.shape[-2:]) for image in images]
+    else:
+        transformed, _ = model.transform(images)
+        features = model.backbone(transformed.tensors)
+        proposals, _ = model.rpn(transformed, features)
+        outputs, _ = model.roi_heads(features, proposals, transformed.image_sizes)
+        sizes = transformed.image_sizes
+    kept = []
+    for output, size, output_size in zip(outputs, sizes, output_sizes):
+        keep = output['scores'] >= score_threshold
+        output = {name: value[keep] for name, value in output.items()}
+        output['boxes'] = resize_boxes(output['boxes'], size, output_size)
+        if with_masks:
+            output['masks'] = PastedMasks(output['masks'], output['boxes'], output_size)
+        kept.append(output)
+    return kept
 
 
 @contextmanager

@@ -378,14 +378,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from data import DataError, eval_transform
+    from data import eval_transform
+    from data.images import read_image
     from engine import check_writable_folder, select_device
     from predict import class_names
     from utils import read_checkpoint
     from utils.cli import UsageError
     from utils.log import setup_logging
     from validate import build_classifier
-    from PIL import Image
     setup_logging()
     args = parse_args(argv)
     check_writable_folder(args.out, '--out')
@@ -397,11 +397,7 @@ def main(argv=None):
                          f'models')
     names = class_names(contents, model.num_classes)
     size = config['input_size'][-1]
-    try:
-        with Image.open(args.image) as img:
-            pixels = eval_transform(size, config['crop_pct'], config['interpolation'])(img.convert('RGB'))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f'{args.image}: cannot read the image ({e})') from None
+    pixels = eval_transform(size, config['crop_pct'], config['interpolation'])(read_image(args.image, longest=size))
     mean, std = config['mean'], config['std']
     image = (pixels.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     try:

@@ -17,11 +17,18 @@ __all__ = ['COCO_STAT_NAMES', 'detections_to_coco', 'coco_stats', 'evaluate_dete
 COCO_STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
 
 
+def binary_mask(masks, i, threshold=0.5):
+    """Detection i's mask as a boolean (height, width) tensor on the CPU, from a detector's
+    (N, 1, H, W) probabilities or from masks given one at a time as booleans (PastedMasks)."""
+    mask = masks[i]
+    return mask if mask.dtype == torch.bool and mask.ndim == 2 else (mask.detach()[0] > threshold).cpu()
+
+
 def detections_to_coco(outputs: List[Dict[str, torch.Tensor]], image_ids, label_to_category,
                        mask_threshold=0.5) -> List[dict]:
-    """torchvision detector outputs (one dict per image, at the original image size) as COCO
-    results: the dataset's image and category ids, xywh boxes, and RLE masks with string counts
-    (what pycocotools' loadRes reads)."""
+    """torchvision detector outputs (one dict per image, at the original image size; masks as
+    binary_mask reads them) as COCO results: the dataset's image and category ids, xywh boxes, and
+    RLE masks with string counts (what pycocotools' loadRes reads)."""
     results = []
     for output, image_id in zip(outputs, image_ids):
         boxes = output['boxes'].detach().cpu().float()
@@ -29,13 +36,11 @@ def detections_to_coco(outputs: List[Dict[str, torch.Tensor]], image_ids, label_
         scores = output['scores'].detach().cpu().tolist()
         labels = output['labels'].detach().cpu().tolist()
         masks = output.get('masks')
-        if masks is not None:
-            binary = (masks.detach().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
         for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
             result = {'image_id': int(image_id), 'category_id': int(label_to_category[label]),
                       'bbox': [round(v, 3) for v in box], 'score': round(float(score), 5)}
             if masks is not None:
-                rle = mask_utils.encode(np.asfortranarray(binary[i]))
+                rle = mask_utils.encode(np.asfortranarray(binary_mask(masks, i, mask_threshold).numpy(), np.uint8))
                 rle['counts'] = rle['counts'].decode('ascii')
                 result['segmentation'] = rle
             results.append(result)
