@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.data import Mixup, resolve_data_config
+from timm.layers import DropBlock2d
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV2, distribute_bn
@@ -31,7 +32,7 @@ from models import VOLO, DenseTrainingForward, check_img_size
 from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
 from engine import (RunDirectory, TrainingStep, add_training_options, current_lr, distributed_model,
                     enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resolved_later, run_trainer,
-                    setup_runtime)
+                    setup_runtime, sync_batchnorm)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
                   TokenLabelSoftTargetCrossEntropy)
 from utils import load_pretrained_weights, resume_checkpoint
@@ -148,7 +149,35 @@ def get_parser():
                    help='token labels: RandAugment on the crop (faster) instead of the full image (the reference)')
     # finetune
     p.add_argument('--finetune', default='', type=str, metavar='PATH', help='checkpoint file or run directory')
+    add_reference_options(p)
     return p
+
+
+def add_reference_options(p):
+    """The reference main.py's options (timm 0.4's train.py) that have no place above, with its types
+    and defaults, so that its command lines, YAML files and args.yaml keep loading. What each does
+    here: check_reference_options and build_model."""
+    g = p.add_argument_group("the reference main.py's options (old command lines and configs load; a value "
+                             "without a feature here is refused, saying what to use)")
+    g.add_argument('--gp', default=None, type=str, metavar='POOL',
+                   help="global pooling: only the model's own (VOLO: token), which validate.py and predict.py rebuild")
+    g.add_argument('--drop-block', type=float, default=None, metavar='PCT',
+                   help='DropBlock rate, for models that have DropBlock (timm ResNets)')
+    g.add_argument('--drop-connect', type=float, default=None, metavar='PCT',
+                   help='old name of --drop-path (used when --drop-path is not given, as timm 0.4 did)')
+    extends_run(g.add_argument('--no-prefetcher', action='store_true', default=False,
+                               help='changes nothing: batches are always normalised on the device'))
+    extends_run(g.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
+                               help='changes nothing: the training workers always persist across epochs'))
+    extends_run(g.add_argument('--tta', type=non_negative_int, default=0, metavar='N',
+                               help='0 or 1 (no test-time augmentation in the evaluation)'))
+    g.add_argument('--torchscript', action='store_true', default=False, help='refused: main.py trains the eager model')
+    g.add_argument('--save-images', action='store_true', default=False, help='refused')
+    g.add_argument('--bn-tf', action='store_true', default=False, help='refused: use --bn-eps 1e-3 --bn-momentum 0.01')
+    g.add_argument('--aug-splits', type=int, default=0, metavar='N', help='refused: 0 only (no AugMix splits)')
+    g.add_argument('--jsd', action='store_true', default=False, help='refused (needs --aug-splits)')
+    g.add_argument('--split-bn', action='store_true', default=False, help='refused (needs --aug-splits)')
+    g.add_argument('--resplit', action='store_true', default=False, help='refused (needs --aug-splits)')
 
 
 def parse_args(argv=None, parser=None):
@@ -159,7 +188,47 @@ def parse_args(argv=None, parser=None):
         parser.error(f'--input-size {" ".join(map(str, args.input_size))} disagrees with --img-size {args.img_size}')
     if args.input_size is not None and args.input_size[-1] != args.input_size[-2]:
         parser.error(f'--input-size {" ".join(map(str, args.input_size))}: only square inputs are supported')
+    check_reference_options(args)
     return args
+
+
+def check_reference_options(args):
+    """The reference's options (add_reference_options) that need no model: a value without a feature
+    here is one line saying what to use instead (their defaults pass: old configs set them); those
+    that change nothing here say so; --drop-connect becomes the --drop-path it stood for."""
+    splits = [flag for flag, given in ((f'--aug-splits {args.aug_splits}', args.aug_splits), ('--jsd', args.jsd),
+                                       ('--split-bn', args.split_bn), ('--resplit', args.resplit)) if given]
+    if splits:
+        them = 'them' if len(splits) > 1 else 'it'
+        raise UsageError(f'{" ".join(splits)}: main.py has no AugMix batch splits (nor the JSD loss, BatchNorm per '
+                         f'split or clean-split erasing that go with them): drop {them}; for AugMix augmentation '
+                         f'itself use --aa augmix-m5-w4-d2')
+    if args.bn_tf:
+        raise UsageError('--bn-tf: timm no longer has it; for TensorFlow\'s BatchNorm defaults use --bn-eps 1e-3 '
+                         '--bn-momentum 0.01 (the reference applied --bn-tf to EfficientNet and MobileNetV3 only)')
+    if args.torchscript:
+        raise UsageError('--torchscript: main.py trains the eager model (torch.jit.script is deprecated); script or '
+                         'export the trained checkpoint instead: torch.jit.script(model) or python -m '
+                         'tools.export_onnx (docs/timm.md)')
+    if args.save_images:
+        raise UsageError('--save-images: main.py does not write its training batches as images; drop it')
+    if args.tta > 1:
+        raise UsageError(f'--tta {args.tta}: main.py\'s evaluation has no test-time augmentation (the reference '
+                         f'averaged the outputs of {args.tta} different images: its loader made no copies); drop --tta')
+    if args.no_prefetcher:
+        _logger.info('--no-prefetcher changes nothing here: the loaders always hand uint8 batches to the device, '
+                     'which normalises them')
+    if args.use_multi_epochs_loader:
+        _logger.info('--use-multi-epochs-loader changes nothing here: the training loader\'s worker processes '
+                     'always persist across epochs')
+    if args.drop_connect is not None:
+        if args.drop_path is None:
+            _logger.warning('--drop-connect is the old name of --drop-path: drop path rate %s; use --drop-path',
+                            args.drop_connect)
+            args.drop_path = args.drop_connect
+        else:
+            _logger.warning('--drop-connect %s is ignored: --drop-path %s is given (as in the reference)',
+                            args.drop_connect, args.drop_path)
 
 
 def has_dense_head(model):
@@ -176,7 +245,7 @@ def token_grid(model):
 
 def build_model(args):
     kwargs = dict(pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path)
+                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block)  # timm drops the None ones
     if args.img_size is not None or args.input_size is not None:
         kwargs['img_size'] = args.img_size or args.input_size[-1]
         try:
@@ -196,7 +265,10 @@ def build_model(args):
             raise UsageError(f'--model {args.model}: {e}') from None
         raise
     except (ValueError, TypeError) as e:
+        if 'drop_block_rate' in str(e):
+            raise UsageError(no_drop_block(args)) from None
         raise UsageError(f'--model {args.model} with {kwargs}: {e}') from None
+    check_reference_model_options(args, model)
     set_batchnorm(model, momentum=args.bn_momentum, eps=args.bn_eps)
     if args.grad_checkpointing:
         enable_grad_checkpointing(model, args.model)
@@ -206,6 +278,27 @@ def build_model(args):
         load_pretrained_weights(model, args.finetune, use_ema=args.model_ema, strict=True,
                                 num_classes=model.num_classes)
     return model
+
+
+def no_drop_block(args):
+    return (f'--drop-block {args.drop_block}: {args.model} has no DropBlock layers (timm\'s ResNets have them); '
+            f'regularise it with --drop-path or --drop')
+
+
+def check_reference_model_options(args, model):
+    """The reference's --gp and --drop-block, against the model built: --drop-block must have made
+    DropBlock layers; --gp may only name the model's own pooling, the one validate.py and predict.py
+    rebuild from its checkpoints."""
+    if args.drop_block and not any(isinstance(m, DropBlock2d) for m in model.modules()):
+        raise UsageError(no_drop_block(args))
+    if args.gp is not None:
+        own = getattr(model, 'global_pool', None)
+        own = getattr(own, 'pool_type', own)  # timm's CNNs: a SelectAdaptivePool2d
+        if not isinstance(own, str):
+            raise UsageError(f'--gp {args.gp}: {args.model} has no global pooling to choose; drop --gp')
+        if args.gp != own:
+            raise UsageError(f'--gp {args.gp}: main.py trains {args.model} with its own pooling, {own!r}, the one '
+                             f'validate.py and predict.py rebuild from its checkpoints; drop --gp')
 
 
 def set_batchnorm(model, momentum=None, eps=None):
@@ -394,8 +487,7 @@ def main(argv=None):
     model.to(runtime.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if runtime.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, runtime, args.sync_bn)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **({'eps': args.opt_eps} if args.opt_eps else {}),
                                     **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
