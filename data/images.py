@@ -3,12 +3,15 @@ photograph as a landscape image plus a tag), 16-bit greyscale scaled to 8 bits i
 to white, and an image whose pixel count is far beyond what a model takes decoded reduced (JPEG's
 draft mode) or refused by name before it is decoded. ImageNet-style classification keeps the
 reference's plain reading (data/dataset.py), so that validation numbers stay the reference's."""
+import os
+from typing import Optional
+
 import numpy as np
 from PIL import Image, ImageOps
 
 from .dataset import DataError
 
-__all__ = ['ImageTooLarge', 'MAX_PIXELS', 'displayed_size', 'read_image', 'read_shown']
+__all__ = ['ImageTooLarge', 'MAX_PIXELS', 'decode_problem', 'displayed_size', 'read_image', 'read_shown']
 
 ORIENTATION = 0x0112  # the EXIF tag
 SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the stored image by 90 degrees
@@ -65,3 +68,19 @@ def read_shown(path, longest=None):
             return _eight_bit(ImageOps.exif_transpose(image), path).convert('RGB'), shown
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f'{path}: not a readable image ({e})') from None
+
+
+def decode_problem(path) -> Optional[str]:
+    """Why the image file at `path` cannot be decoded (missing, a link to nothing, empty, not an
+    image, truncated), or None when it decodes. A JPEG is decoded at an eighth of its size: the
+    whole file is still read and checked, in a fraction of the time."""
+    try:
+        with Image.open(path) as image:
+            if image.format == 'JPEG':
+                image.draft(image.mode, (image.width // 8 + 1, image.height // 8 + 1))
+            image.load()
+    except FileNotFoundError:
+        return 'a link to a missing file' if os.path.islink(path) else 'no such file'
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None

@@ -8,6 +8,7 @@ Col2Im, so opset 17 (and TensorRT) work.
 """
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -16,7 +17,13 @@ import timm
 import torch
 
 import models  # noqa: F401
-from utils import load_pretrained_weights
+from engine import DiskFullError, check_outputs, check_writable_folder
+from utils import CheckpointError, load_pretrained_weights
+from utils.cli import UsageError, run_cli
+from utils.config import positive_int
+from utils.log import setup_logging
+
+_logger = logging.getLogger('export_onnx')
 
 
 def export(model, img_size, path, opset=17, batch=2, optimize=True):
@@ -43,15 +50,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='volo_d1')
     p.add_argument('--checkpoint', default='')
-    p.add_argument('--num-classes', type=int, default=None)
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--num-classes', type=positive_int, default=None)
+    p.add_argument('--img-size', type=positive_int, default=224)
     p.add_argument('--opset', type=int, default=17)
     p.add_argument('--out', required=True)
     p.add_argument('--no-optimize', action='store_true', help="skip the exporter's graph optimisation (faster)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
+    check_outputs(reads=[('--checkpoint', args.checkpoint)], writes=[('--out', args.out, None)])
+    check_writable_folder(os.path.dirname(os.path.abspath(args.out)), '--out', named=args.out)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
-    model = timm.create_model(args.model, img_size=args.img_size, **kwargs)
+    try:
+        model = timm.create_model(args.model, img_size=args.img_size, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UsageError(f'--model {args.model} at --img-size {args.img_size}: {e}') from None
     if args.checkpoint:
         load_pretrained_weights(model, args.checkpoint)
     start = time.perf_counter()
@@ -61,5 +73,12 @@ def main(argv=None):
     return diff
 
 
+def cli(argv=None):
+    """main(argv); a checkpoint or argument that cannot work is one line and exit code 2; exit code 1
+    when onnxruntime's output differs from PyTorch's by 1e-4 or more."""
+    diff = run_cli(main, argv, (UsageError, CheckpointError, DiskFullError), _logger)
+    sys.exit(0 if diff < 1e-4 else 1)
+
+
 if __name__ == '__main__':
-    sys.exit(0 if main() < 1e-4 else 1)
+    cli()

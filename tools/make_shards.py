@@ -13,7 +13,7 @@ bytes. Samples are stored in a shuffled order fixed by --seed, so a shard mixes 
 The output is deterministic (fixed order, fixed tar headers) and the command resumable: shards
 already complete with the planned contents are kept, the rest are written (each under a temporary
 name until complete), and index.json comes last. Images without a label file are an error that
-lists them, before anything is written.
+lists them, before anything is written, and so are images that do not decode.
 """
 import argparse
 import hashlib
@@ -28,6 +28,7 @@ import webdataset as wds
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from data.dataset import DataError, describe_collisions, label_path, label_path_collisions, load_label_map
+from data.images import decode_problem
 from data.shards import INDEX_FORMAT, INDEX_NAME, LABEL_FIELD, PATH_FIELD
 from engine import DiskFullError, write_atomically
 from engine.files import write_staged
@@ -51,7 +52,8 @@ def find_splits(root):
 
 def plan_split(root, split, class_names, label_root, seed):
     """The split's samples in stored order: dicts with key, path (relative), class index, image and
-    label file. Missing or shared label files are an error listing them."""
+    label file. Images that do not decode (empty, truncated, not images, links to nothing) and
+    missing or shared label files are an error listing them."""
     folder = os.path.join(root, split)
     found = find_classes(folder)[0]
     unknown = sorted(set(found) - set(class_names))
@@ -60,6 +62,11 @@ def plan_split(root, split, class_names, label_root, seed):
     samples = make_dataset(folder, {c: i for i, c in enumerate(class_names) if c in found}, extensions=IMG_EXTENSIONS)
     if not samples:
         raise DataError(f'no images found under {folder}')
+    damaged = [(path, problem) for path, problem in ((p, decode_problem(p)) for p, _ in samples) if problem]
+    if damaged:
+        shown = '\n  '.join(f'{os.path.relpath(p, folder)}: {problem}' for p, problem in damaged[:20])
+        raise DataError(f'{len(damaged)} of {len(samples)} images under {folder} cannot be decoded (fix or remove '
+                        f'them):\n  {shown}{chr(10) + "  ..." if len(damaged) > 20 else ""}')
     labels = [None] * len(samples)
     if label_root:
         labels = [label_path(label_root, path, folder) for path, _ in samples]
