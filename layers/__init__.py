@@ -3,7 +3,7 @@ kernels, which register themselves with the one function that picks between them
 position-embedding resizing; the label conventions of the datasets, losses and metrics; the reader
 of MindSpore checkpoint files (MindCV's weights), which the model files' pretrained loading and the
 checkpoint utilities share."""
-from .helpers import exporting, needs_grad
+from .helpers import MAX_IMG_SIZE, check_img_size, check_model_arguments, exporting, needs_grad
 from .labels import IGNORE_INDEX
 from .outlook_attention import OUTLOOK_IMPLS, OutlookAttention, apply_outlook_attention, outlook_aggregate
 from .pos_embed import resize_pos_embed, resize_pos_embed_nchw

@@ -4,14 +4,12 @@ import functools
 import timm
 import torch
 
+from layers import MAX_IMG_SIZE, check_img_size  # noqa: F401  (the scripts' checks of their sizes)
 from . import visformer as _visformer, volo as _volo
 from .volo import VOLO, DenseTrainingForward, volo_d1, volo_d2, volo_d3, volo_d4, volo_d5
 from .visformer import Visformer, visformer_small, visformer_small_v2, visformer_tiny, visformer_tiny_v2
 
 NUMERICS = ('mindcv',)
-# the largest input side the families are built for here (release files go up to 512, segmentation
-# crops to 1024): a file or option asking for more is refused before anything is allocated
-MAX_IMG_SIZE = 4096
 MINDCV_MODELS = tuple(_volo.VARIANTS) + tuple(_visformer.VARIANTS)  # the families MindCV also has
 
 
@@ -27,13 +25,6 @@ def numerics_kwargs(model_name: str, numerics=None) -> dict:
         if model_name in family.VARIANTS:
             return dict(family.MINDCV_NUMERICS)
     raise ValueError(f'{model_name} has no MindCV counterpart (VOLO and Visformer do)')
-
-
-def check_img_size(img_size, what):
-    """`img_size` (an int or (H, W)) within 1..MAX_IMG_SIZE, else ValueError naming `what`."""
-    sides = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,)
-    if not all(isinstance(side, int) and not isinstance(side, bool) and 0 < side <= MAX_IMG_SIZE for side in sides):
-        raise ValueError(f'{what} {img_size}: the models are built for sizes of 1 to {MAX_IMG_SIZE} pixels')
 
 
 @functools.lru_cache(maxsize=32)

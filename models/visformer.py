@@ -29,7 +29,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from layers import resize_pos_embed_nchw
+from layers import check_model_arguments, resize_pos_embed_nchw
 from layers.mindspore_ckpt import read_mindcv_checkpoint
 
 from ._builder import pretrained_overlay
@@ -134,6 +134,8 @@ class Visformer(nn.Module):
                  attn_drop_rate=0., drop_path_rate=0., pos_embed=True, act_layer=nn.GELU, norm_layer=nn.BatchNorm2d,
                  global_pool='avg'):
         super().__init__()
+        check_model_arguments(img_size, num_classes, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                              drop_path_rate=drop_path_rate)
         num_stages = len(stage_dims)
         if first_stage < 0 or first_stage + num_stages > len(STAGE_IDS):
             raise ValueError(f'stages are named stage0..stage3: first_stage {first_stage} with {num_stages} stages '

@@ -25,7 +25,7 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from layers import OutlookAttention, exporting, needs_grad, resize_pos_embed
+from layers import OutlookAttention, check_model_arguments, exporting, needs_grad, resize_pos_embed
 from layers import OUTLOOK_IMPLS, outlook_aggregate  # noqa: F401  (their names in models.volo before layers/)
 
 from ._builder import pretrained_overlay
@@ -257,6 +257,8 @@ class VOLO(nn.Module):
                  return_mean=False, return_dense=True, mix_token=True, pooling_scale=2, out_kernel=3,
                  out_stride=2, out_padding=1, outlook_impl='auto', act_layer=nn.GELU, global_pool=None):
         super().__init__()
+        check_model_arguments(img_size, num_classes, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                              drop_path_rate=drop_path_rate)
         if global_pool is None:
             global_pool = 'avg' if return_mean else 'token'
         _check_global_pool(global_pool, post_layers)
@@ -657,8 +659,8 @@ def checkpoint_filter_fn(state_dict, model):
 
 def _create_volo(variant, pretrained=False, **kwargs):
     img_size = kwargs.get('img_size')
+    overlay = pretrained_overlay(img_size, kwargs.pop('pretrained_cfg_overlay', None))  # checks img_size first
     pretrained_cfg = _release_choice(variant, img_size, kwargs.pop('pretrained_cfg', None))
-    overlay = pretrained_overlay(img_size, kwargs.pop('pretrained_cfg_overlay', None))
     feature_cfg = dict(out_indices=kwargs.pop('out_indices', (0, 1, 2, 3)), feature_cls='getter',
                        **(kwargs.pop('feature_cfg', None) or {}))
     model_args = dict(VARIANTS[variant], downsamples=(True, False, False, False),
