@@ -30,7 +30,7 @@ from timm.utils import ModelEmaV2, distribute_bn
 import models  # noqa: F401  (registers this repo's models with timm)
 from models import VOLO, DenseTrainingForward, check_img_size
 from data import DataError, TokenLabelMixup, create_token_label_target, open_split, set_epoch
-from engine import (RunDirectory, TrainingStep, add_training_options, current_lr, distributed_model,
+from engine import (RunDirectory, TrainingStep, add_training_options, complete_summary, current_lr, distributed_model,
                     enable_grad_checkpointing, extends_run, find_resume, parse_with_config, resolved_later, run_trainer,
                     setup_runtime, sync_batchnorm)
 from loss import (SoftTargetCrossEntropy, TokenLabelCrossEntropy, TokenLabelGTCrossEntropy,
@@ -535,6 +535,7 @@ def main(argv=None):
         cycle_limit=args.lr_cycle_limit, plateau_mode='min' if args.eval_metric == 'loss' else 'max')
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if start_epoch >= num_epochs:
+        complete_summary(resume, runtime)
         raise UsageError(f'nothing to train: the run starts at epoch {start_epoch} and the schedule has {num_epochs} '
                          f'epochs (--epochs {args.epochs} + --cooldown-epochs {cooldown_epochs}); '
                          f'raise --epochs to continue it')

@@ -22,7 +22,7 @@ from .files import PARTIAL, DiskFullError, write_atomically
 from .options import option_defaults, renamed_options, resolved_options, run_extending
 from .runs import (ResumeError, RunLock, find_resume_checkpoint, newest_complete_checkpoint, promote,
                    remove_abandoned_partials)
-from .summary import truncate_summary, write_summary
+from .summary import read_summary, truncate_summary, write_summary
 from .tracking import Tracker, check_tracking
 
 _logger = logging.getLogger(__name__)
@@ -82,9 +82,32 @@ def resume_training(model, resume: Resume, optimizer, runtime, total, unit, opti
         start = training_step(resume.checkpoint)
     _logger.info('Resumed %s: continuing at %s %d', resume.path, unit, start)
     if start >= total:
+        complete_summary(resume, runtime)
         raise UsageError(f'nothing to train: the run is at {unit} {start} of {option} {total}; raise {option} to '
                          f'continue it')
     return start
+
+
+def complete_summary(resume: Optional[Resume], runtime):
+    """summary.csv of the resumed run rewritten from its checkpoint's rows when it lacks some (the
+    process was killed between writing the checkpoint and the summary). A run resumed to train on
+    does this when its run directory opens; this is for one with nothing left to train."""
+    if resume is None or not runtime.is_main:
+        return
+    run_dir = os.path.dirname(resume.path)
+    rows = (resume.checkpoint.get('saver') or {}).get('summary') or []
+    path = os.path.join(run_dir, 'summary.csv')
+    if not rows or not os.path.isfile(os.path.join(run_dir, 'args.yaml')) or len(read_summary(path)) >= len(rows):
+        return
+    try:
+        lock = RunLock(run_dir)
+    except ResumeError:
+        return  # another process is writing the run
+    try:
+        write_summary(path, rows)
+        _logger.info('%s: the rows of %s completed from its checkpoint', path, resume.path)
+    finally:
+        lock.release()
 
 
 class RunDirectory:

@@ -3,6 +3,7 @@ import errno
 import glob
 import gzip
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from utils import CheckpointError, load_pretrained_weights, safe_load
 from engine.checkpoint_saver import CheckpointSaver, DiskFullError
 from engine.runs import RunLock
 from engine.summary import read_summary, write_summary
+from utils.cli import UsageError
 
 
 def _cli_error(argv, caplog, script=train_script):
@@ -340,3 +342,19 @@ def test_generator_topk_and_stale_temporaries(shapes, tmp_path, caplog):
     assert generate_token_labels.cli(argv + ['--topk', '5']) == 2
     assert 'exceeds the model' in caplog.text
     assert not (out / 'c0' / 'img.pt.tmp4242').exists()
+
+
+def test_a_kill_between_the_last_checkpoint_and_its_summary_row_is_repaired_on_resume(shapes, tmp_path, caplog):
+    """The run's checkpoint holds its rows: resuming a run with nothing left to train still completes
+    summary.csv (a run resumed to train on rebuilds it when its directory opens)."""
+    caplog.set_level(logging.INFO)
+    run = _run(shapes, tmp_path, '--epochs', '1')
+    summary = os.path.join(run, 'summary.csv')
+    rows = read_summary(summary)
+    with open(summary) as f:
+        header = f.readline()
+    with open(summary, 'w') as f:  # as a kill after the checkpoint's rename, before the summary's, leaves it
+        f.write(header)
+    with pytest.raises(UsageError, match='nothing to train'):
+        _run(shapes, tmp_path, '--epochs', '1', '--resume', 'auto')
+    assert read_summary(summary) == rows and 'completed from its checkpoint' in caplog.text

@@ -42,11 +42,13 @@ class CheckpointError(RuntimeError):
 
 
 def resolve_checkpoint_path(path: str) -> str:
-    """A checkpoint file, or a training run directory (its model_best / last checkpoint)."""
+    """A checkpoint file, or a training run directory (its model_best / last checkpoint, said in the
+    log; --resume takes a run directory's newest instead: engine.find_resume)."""
     if os.path.isdir(path):
         for name in RUN_DIR_CHECKPOINTS:
             candidate = os.path.join(path, name)
             if os.path.isfile(candidate):
+                _logger.info('%s is a run directory: using %s', path, candidate)
                 return candidate
         raise CheckpointError(
             f'{path} is a directory without {" or ".join(RUN_DIR_CHECKPOINTS)}: pass a checkpoint file')
