@@ -169,11 +169,13 @@ def test_segmentation_images_are_read_as_shown(tmp_path):
     assert image.size == (40, 60) and label.shape == (60, 40)
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'empty'])
-def test_a_damaged_training_image_is_one_line(tmp_path, capsys, damage):
+@pytest.mark.parametrize('split, damage', [('train', 'truncated'), ('train', 'empty'), ('val', 'truncated')])
+def test_a_damaged_image_is_one_line_and_trained_work_is_kept(tmp_path, capsys, split, damage):
+    """In training: one line naming the file. In the evaluation after an epoch: the trained state is
+    saved first (as for any failed evaluation) and said, then the file is named; no traceback."""
     from data.synthetic_det import make_coco_dataset
     root = make_coco_dataset(str(tmp_path / 'coco'), train=4, val=2, seed=1)
-    victim = sorted((tmp_path / 'coco' / 'train2017').iterdir())[0]
+    victim = sorted((tmp_path / 'coco' / f'{split}2017').iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:200] if damage == 'truncated' else b'')
     with pytest.raises(SystemExit) as stopped:
         train_det.cli([root, '--model', 'volo_d1', '--fpn-channels', '16', '--train-sizes', '64', '--test-size', '64',
@@ -181,5 +183,10 @@ def test_a_damaged_training_image_is_one_line(tmp_path, capsys, damage):
                        '--output', str(tmp_path / 'out')])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith('ERROR')]
-    assert stopped.value.code == 2 and len(errors) == 1 and victim.name in errors[0], err[-2000:]
-    assert 'not a readable image' in errors[0] and 'Traceback' not in err
+    assert stopped.value.code == 2 and 'Traceback' not in err, err[-2000:]
+    assert victim.name in errors[-1] and 'not a readable image' in errors[-1]
+    saved = list((tmp_path / 'out').rglob('last.pth.tar'))
+    if split == 'train':
+        assert len(errors) == 1 and not saved
+    else:
+        assert len(errors) == 2 and 'the trained state is saved in' in errors[0] and len(saved) == 1

@@ -117,3 +117,11 @@ def test_docs_checker_catches_broken_links(tmp_path):
                     '[ok](#page) [web](https://example.com/x.md)\n[gone](missing.md) [bad](other.md#nothing)\n'
                     '```\n[in code](nowhere.md)\n```\n`[inline](nowhere.md)`\n')
     assert sorted(t for t, _ in broken_links(str(page))) == ['missing.md', 'other.md#nothing']
+
+
+def test_tools_are_shown_run_as_modules():
+    """The tools import the repository's packages, which resolve from its root with `python -m tools.NAME`;
+    `python tools/NAME.py` fails with ModuleNotFoundError, so no page or tool shows that form."""
+    texts = [README] + DOCS + glob.glob(os.path.join(REPO, 'tools', '*.py'))
+    shown = [os.path.relpath(p, REPO) for p in texts if re.search(r'python3? tools/', open(p, encoding='utf-8').read())]
+    assert not shown, shown
