@@ -7,9 +7,9 @@ works, e.g. `img_size`, `num_classes`, `pretrained_cfg_overlay=dict(file=...)`).
 builds a UperNet segmentor (models/segmentation.py); `pretrained=True` initialises its backbone
 from the same classification weights (no segmentation weights are released).
 """
-import sys as _sys
-
 import timm as _timm
+
+from layers import model_hooks as _model_hooks
 
 from models import (numerics_kwargs as _numerics_kwargs, visformer_small, visformer_small_v2,  # noqa: F401
                     visformer_tiny, visformer_tiny_v2, volo_d1, volo_d2, volo_d3, volo_d4, volo_d5)
@@ -27,7 +27,7 @@ def _upernet(backbone, pretrained=False, num_classes=150, img_size=512, pretrain
         source = _timm.create_model(backbone, pretrained=True, num_classes=0, img_size=img_size,
                                     pretrained_cfg_overlay=pretrained_cfg_overlay,
                                     **{k: v for k, v in kwargs.items() if k in ('act_layer', 'norm_layer')})
-        filter_fn = _sys.modules[type(model.backbone).__module__].checkpoint_filter_fn
+        filter_fn = _model_hooks(model.backbone).checkpoint_filter_fn
         model.backbone.load_state_dict(filter_fn(source.state_dict(), model.backbone), strict=True)
     return model
 

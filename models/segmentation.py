@@ -14,7 +14,6 @@ feeds strides 4 (up) and 8, the third stage's output stride 16 and the last stag
 32 (down). Visformer v1 (8/16/32): stage 1 up for 4; v2 (4/8/16/32): every stage as it is.
 """
 import math
-import sys
 from typing import List, Sequence
 
 import timm
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layers import ModelHooks, model_hooks, register_model_hooks
 from . import visformer, volo
 
 __all__ = ['size_divisor', 'ConvModule', 'FeaturePyramid', 'UPerHead', 'FCNHead', 'Segmentor', 'build_segmentor',
@@ -237,18 +237,14 @@ def build_segmentor(backbone_name: str, num_classes: int, img_size=(512, 512), h
     return model
 
 
-def _backbone_hook(model, name):
-    return getattr(sys.modules.get(type(model.backbone).__module__), name, None)
-
-
 def checkpoint_filter_fn(state_dict, model):
     """A segmentor checkpoint adapted to `model`: `module.` stripped, the backbone part adapted by
     its own model file (position embeddings resized)."""
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
-    filter_fn = _backbone_hook(model, 'checkpoint_filter_fn')
-    if backbone and filter_fn is not None:
-        backbone = filter_fn(backbone, model.backbone)
+    hooks = model_hooks(model.backbone)
+    if backbone and hooks is not None:
+        backbone = hooks.checkpoint_filter_fn(backbone, model.backbone)
     rest = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
     return {**{f'backbone.{k}': v for k, v in backbone.items()}, **rest}
 
@@ -263,3 +259,6 @@ def checkpoint_variant(state_dict):
         if found is not None:
             return f'{found} + UPerHead'
     return 'an unknown segmentor'
+
+
+register_model_hooks(Segmentor, ModelHooks(checkpoint_filter_fn, checkpoint_variant))

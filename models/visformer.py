@@ -29,7 +29,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from layers import check_model_arguments, resize_pos_embed_nchw
+from layers import ModelHooks, check_model_arguments, register_model_hooks, resize_pos_embed_nchw
 from layers.mindspore_ckpt import read_mindcv_checkpoint
 
 from ._builder import pretrained_overlay
@@ -440,6 +440,9 @@ def _create(variant, pretrained=False, **kwargs):
     return build_model_with_cfg(
         Visformer, variant, pretrained, pretrained_cfg=pretrained_cfg or tag, pretrained_cfg_overlay=overlay,
         pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **{**VARIANTS[variant], **kwargs})
+
+
+register_model_hooks(Visformer, ModelHooks(checkpoint_filter_fn, checkpoint_variant, tuple(VARIANTS)))
 
 
 def _register(fn):

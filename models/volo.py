@@ -25,7 +25,8 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from layers import OutlookAttention, check_model_arguments, exporting, needs_grad, resize_pos_embed
+from layers import (ModelHooks, OutlookAttention, check_model_arguments, exporting, needs_grad, register_model_hooks,
+                    resize_pos_embed)
 from layers import OUTLOOK_IMPLS, outlook_aggregate  # noqa: F401  (their names in models.volo before layers/)
 
 from ._builder import pretrained_overlay
@@ -668,6 +669,9 @@ def _create_volo(variant, pretrained=False, **kwargs):
     return build_model_with_cfg(
         VOLO, variant, pretrained, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,
         pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
+
+
+register_model_hooks(VOLO, ModelHooks(checkpoint_filter_fn, checkpoint_variant, tuple(VARIANTS)))
 
 
 @register_model

@@ -107,3 +107,23 @@ def test_tlt_public_names_stay():
                           (utils, ('load_pretrained_weights',))):
         missing = [name for name in names if not callable(getattr(module, name, None))]
         assert not missing, f'{module.__name__}: {missing}'
+
+
+def test_no_hidden_lookups_through_sys_modules():
+    """Model hooks are registered (layers/model_hooks.py), not found through the module a class lives in."""
+    sources = glob.glob(os.path.join(REPO, '*.py')) + [p for package in PACKAGES + ('tools',)
+                                                        for p in glob.glob(os.path.join(REPO, package, '*.py'))]
+    assert not [os.path.relpath(p, REPO) for p in sources if 'sys.modules' in open(p).read()]
+
+
+def test_every_family_registers_its_checkpoint_hooks():
+    import models
+    from layers import model_hooks
+    from models.segmentation import build_segmentor
+    for family, model in ((models.volo, models.volo_d1(img_size=64)), (models.visformer, models.visformer_tiny())):
+        hooks = model_hooks(model)
+        assert hooks.variants == tuple(family.VARIANTS)
+        assert (hooks.checkpoint_filter_fn, hooks.checkpoint_variant) == (family.checkpoint_filter_fn,
+                                                                          family.checkpoint_variant)
+    assert model_hooks(build_segmentor('volo_d1', 3, img_size=(32, 32))).checkpoint_variant is \
+        models.segmentation.checkpoint_variant

@@ -1,7 +1,8 @@
 """Reading checkpoints safely and loading them into models at any resolution and class count.
 
-Nothing here knows a model family: each model file provides `checkpoint_filter_fn(state_dict,
-model)` (timm's convention) and `checkpoint_variant(state_dict)` for the wrong-variant message.
+Nothing here knows a model family: each model file registers its hooks (layers/model_hooks.py):
+`checkpoint_filter_fn(state_dict, model)` (timm's convention), `checkpoint_variant(state_dict)` for
+the wrong-variant message and its variant names.
 MindSpore `.ckpt` files (MindCV's weights) are recognised by their content and read without
 MindSpore (layers/mindspore_ckpt.py); they carry numerics='mindcv'. `.safetensors` files are read
 with safetensors (no pickle), their metadata supplying the model's settings.
@@ -12,13 +13,13 @@ import json
 import logging
 import os
 import pickle
-import sys
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 import yaml
 
+from layers import model_hooks
 from layers.mindspore_ckpt import (MAX_TENSOR_DIMS, MindSporeCheckpointError, looks_like_mindspore_checkpoint,
                              read_mindcv_checkpoint)
 
@@ -281,19 +282,14 @@ def read_state_dict(checkpoint_path: str, use_ema: bool = False) -> Tuple[str, D
     return contents.path, contents.state_dict
 
 
-def _model_file_hook(model, name):
-    """A function of the model's own file (timm's convention, e.g. checkpoint_filter_fn), or None."""
-    return getattr(sys.modules.get(type(model).__module__), name, None)
-
-
 def _classifier_names(model):
     names = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head')
     return (names,) if isinstance(names, str) else tuple(names)
 
 
 def _describe(model, state_dict):
-    describe = _model_file_hook(model, 'checkpoint_variant')
-    return describe(state_dict) if describe else None
+    hooks = model_hooks(model)
+    return hooks.checkpoint_variant(state_dict) if hooks else None
 
 
 def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, strict: bool = True,
@@ -317,7 +313,7 @@ def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, 
     model_classes = getattr(model, 'num_classes', None)
     if num_classes is not None and model_classes is not None and num_classes != model_classes:
         raise ValueError(f'num_classes={num_classes} but the model was built with {model_classes} classes')
-    filter_fn = _model_file_hook(model, 'checkpoint_filter_fn') if adapt else None
+    filter_fn = model_hooks(model).checkpoint_filter_fn if adapt and model_hooks(model) else None
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     model_state = model.state_dict()
@@ -338,7 +334,7 @@ def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, 
             raise CheckpointError(
                 f'{path} looks like {file_kind}, but the model is {model_kind}; first differences: '
                 + '; '.join(details))
-        model_name = model_kind if model_kind in getattr(sys.modules.get(type(model).__module__), 'VARIANTS', ()) \
+        model_name = model_kind if model_hooks(model) and model_kind in model_hooks(model).variants \
             else f'{type(model).__name__} model' + (f' ({model_kind})' if model_kind else '')
         raise CheckpointError(f'{path} does not fit the {model_name} ({len(mismatched)} '
                               f'tensors of other shapes, {len(missing)} missing, {len(unexpected)} unexpected): '
