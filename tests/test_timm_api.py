@@ -202,6 +202,17 @@ def test_volo_train_mode_returns_logits_and_forward_train_the_triple():
 
 # ---------------------------------------------------------------- the pretrained registry
 
+def test_import_replaces_timms_two_visformer_entries_and_nothing_else():
+    """What docs/timm.md says: after `import models`, timm's visformer_tiny / visformer_small build this
+    repository's class, and timm's own module still builds timm's."""
+    from timm.models import visformer as timm_visformer
+    for name in ('visformer_tiny', 'visformer_small'):
+        assert type(timm.create_model(name, pretrained=False)) is visformer.Visformer
+        assert timm.models.get_arch_name(name) == name and timm.models.is_model(name)
+    assert type(timm_visformer.visformer_tiny()) is not visformer.Visformer
+    assert type(timm.create_model('volo_d1_224')) is not models.VOLO  # timm's own VOLO names stay timm's
+
+
 def test_import_keeps_timms_tags_and_adds_ours_without_warnings():
     seen = fresh_import_report()  # a fresh interpreter: timm first, then `import models` with warnings as errors
     assert seen['before'] == ['visformer_small.in1k', 'visformer_tiny.in1k']
