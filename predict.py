@@ -25,7 +25,6 @@ COCO() reads; both draw --save-overlays. Output files mirror the input paths bel
 folder. Unreadable files are listed and skipped (exit code 1).
 """
 import argparse
-import functools
 import json
 import logging
 import os
@@ -33,18 +32,19 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo
 from tqdm import tqdm
 
-import validate_det
-import validate_seg
 from data import (ADE20K_CLASSES, CITYSCAPES_CLASSES, DATASET_KINDS, REDUCE_ZERO_LABEL, TEST_SCALES, DataError,
-                  ImageFiles, SegEvalTransform, eval_transform, find_images, seg_dataset_type, wrap_loader)
+                  SegEvalTransform, find_images, seg_dataset_type)
 from data.coco import detection_eval_transform
-from data.images import read_shown
 from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
                     check_writable_folder, resolve_amp, save_image, select_device, write_atomically, write_results)
-from models.detection import detector_settings, inference_size, kept_detections
+from inference import detector, segmentor
+from inference.classifier import add_model_options, build_classifier, class_names, class_rows, top_classes
+from inference.images import image_loader, relative_names
+from inference.overlays import class_palette, detection_palette, draw_detections, make_overlay
+from inference.tasks import TASKS, checkpoint_task
+from models.detection import inference_size, kept_detections
 from models.segmentation import SEGMENTATION_BACKBONES
 from utils import CheckpointError, read_checkpoint
 from utils.cli import PartialFailure, UsageError, run_cli
@@ -52,12 +52,8 @@ from utils.config import positive_int
 from utils.det_metrics import detections_to_coco
 from utils.log import log_to_file, setup_logging
 from utils.seg_inference import AUG_TEST_RATIOS, predict_scores
-from validate import add_model_options, build_classifier
 
 _logger = logging.getLogger('predict')
-MAX_ASPECT = 50  # an image's long side over its short side, at most
-IMAGENET_CLASSES = 1000
-TASKS = ('classify', 'seg', 'det')
 SEG_CLASS_NAMES = {'ade20k': ADE20K_CLASSES, 'cityscapes': CITYSCAPES_CLASSES}
 BATCH_SIZES = {'classify': 32, 'det': 2}  # images per batch (a segmentor runs one image at a time)
 # options that only one kind of model takes, and the tasks that take them (given = not None)
@@ -85,11 +81,11 @@ def parse_args(argv=None):
     seg.add_argument('--dataset', default=None, type=seg_dataset_type, choices=DATASET_KINDS,
                      help="the training dataset's kind, for its test scale and label format (default: the "
                           "checkpoint's)")
-    validate_seg.add_inference_options(seg)
+    segmentor.add_inference_options(seg)
     seg.add_argument('--save-predictions', default=None, metavar='DIR',
                      help="one index PNG per image, at the image's size, in the training dataset's label format")
     det = p.add_argument_group('detectors (as validate_det.py)')
-    validate_det.add_size_options(det)
+    detector.add_size_options(det)
     det.add_argument('--score-threshold', type=float, default=None,
                      help='lowest score in the rows and on the overlays (default 0.5); --save-results keeps all')
     det.add_argument('--save-results', default=None, metavar='JSON', help='every detection, COCO dataset format')
@@ -99,18 +95,6 @@ def parse_args(argv=None):
         p.error('give --checkpoint FILE_OR_RUN, or --model NAME --pretrained')
     args.pretrained = args.pretrained or None
     return args
-
-
-def checkpoint_task(contents):
-    """What the checkpoint's weights are: 'seg' (a decode head), 'det' (a detector's heads) or
-    'classify'."""
-    if 'decode_head.conv_seg.weight' in contents.state_dict:
-        return 'seg'
-    try:
-        detector_settings(contents.state_dict)
-        return 'det'
-    except ValueError:
-        return 'classify'
 
 
 def resolve_task(args, contents):
@@ -127,99 +111,25 @@ def resolve_task(args, contents):
     return task
 
 
-def relative_names(paths):
-    """Each image's path below the images' common folder, and the .png name its outputs take
-    there; two images that would write the same name are a UsageError."""
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    relative, outputs, owner = [], [], {}
-    for path in paths:
-        name = os.path.relpath(os.path.abspath(path), root)
-        output = os.path.splitext(name)[0] + '.png'
-        if output in owner:
-            raise UsageError(f'{owner[output]} and {path} would both write {output}: predict them separately')
-        owner[output] = path
-        relative.append(name)
-        outputs.append(output)
-    return relative, outputs
-
-
-def read_for_prediction(path, longest=None):
-    """(the image as shown, possibly decoded reduced for a model that resizes to `longest` at most,
-    and the whole image's shown (width, height)); an image too narrow for any model is a DataError."""
-    image, shown = read_shown(path, longest)
-    if max(shown) > MAX_ASPECT * min(shown):
-        raise DataError(f'{path}: {shown[0]}x{shown[1]} is too narrow to predict on (sides over {MAX_ASPECT}:1)')
-    return image, shown
-
-
-def image_loader(paths, transform, batch_size, workers, longest=None):
-    """(the images' ImageFiles, batches (lists) of ((transform(image), its shown (width, height)),
-    index)); a file that cannot be read or transformed comes as (None, -1 - index)."""
-    dataset = ImageFiles(paths, lambda item: (transform(item[0]), item[1]), placeholder=None,
-                         read=functools.partial(read_for_prediction, longest=longest))
-    return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
-
-
-def class_names(contents, num_classes):
-    """Names by index: the checkpoint's training classes, ImageNet-1k's for a 1000-class head,
-    else None (indices are printed)."""
-    if contents is not None and contents.class_names:
-        return list(contents.class_names)
-    if num_classes == IMAGENET_CLASSES:
-        info = ImageNetInfo()
-        return [info.index_to_description(i).split(',')[0] for i in range(IMAGENET_CLASSES)]
-    return None
-
-
-def predict(model, paths, data_config, args, device, autocast):
-    """(top-k lists, their paths, unreadable paths): for each readable image its top-k (index,
-    probability) pairs, in the order of `paths`."""
-    size = data_config['input_size'][-1]
-    transform = eval_transform(size, data_config['crop_pct'], data_config['interpolation'])
-    dataset = ImageFiles(paths, transform, placeholder=torch.zeros(3, size, size, dtype=torch.uint8),
-                         read=lambda path: read_for_prediction(path, longest=size)[0])
-    loader = wrap_loader(dataset, args.batch_size, is_training=False, device=device, num_workers=args.workers,
-                         persistent_workers=False, mean=data_config['mean'], std=data_config['std'])
-    top = {}
-    unreadable = []
-    k = min(args.topk, model.num_classes)
-    with torch.inference_mode():
-        for images, indices in tqdm(loader, desc='predict', unit='batch', disable=None):
-            with autocast():
-                logits = model(images)
-            probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
-            for index, p, c in zip(indices.tolist(), probs.tolist(), classes.tolist()):
-                if index < 0:
-                    unreadable.append(dataset.failure(-1 - index))
-                else:
-                    top[index] = list(zip(c, p))
-    return [top[i] for i in sorted(top)], [paths[i] for i in sorted(top)], unreadable
-
-
 def classify(args, contents, paths, device, autocast):
     model, data_config, settings = build_classifier(args, args.checkpoint, contents, device)
     names = class_names(contents, model.num_classes)
     _logger.info('%s on %d images (%d px, crop %s)', args.checkpoint or settings['model'], len(paths),
                  data_config['input_size'][-1], data_config['crop_pct'])
-    tops, kept, unreadable = predict(model, paths, data_config, args, device, autocast)
-    rows = []
-    for path, top in zip(kept, tops):
-        row = {'path': path}
-        for rank, (index, prob) in enumerate(top, start=1):
-            row[f'class_{rank}'] = names[index] if names else index
-            row[f'index_{rank}'] = index
-            row[f'prob_{rank}'] = round(prob, 6)
-        rows.append(row)
-        print(f'{path}\t' + '\t'.join(f'{row[f"class_{r}"]} {row[f"prob_{r}"]:.4f}' for r in range(1, len(top) + 1)))
+    tops, kept, unreadable = top_classes(model, paths, data_config, args.topk, args.batch_size, args.workers, device,
+                                         autocast)
+    rows = class_rows(kept, tops, names)
+    for row, top in zip(rows, tops):
+        print(f'{row["path"]}\t' + '\t'.join(f'{row[f"class_{r}"]} {row[f"prob_{r}"]:.4f}' for r in range(1, len(top) + 1)))
     return rows, unreadable
 
 
 def segment(args, contents, paths, device, autocast):
     """Label maps at each image's size: argmax of validate_seg.py's scores (same test scale, mode,
     crop, stride and test-time augmentation)."""
-    settings = validate_seg.resolve_settings(args, contents)
-    crop_size, stride = validate_seg.resolve_window(args, settings)
-    model = validate_seg.build_from_checkpoint(contents, settings['model'], crop_size).to(device).eval()
+    settings = segmentor.resolve_settings(args, contents)
+    crop_size, stride = segmentor.resolve_window(args, settings)
+    model = segmentor.build_from_checkpoint(contents, settings['model'], crop_size).to(device).eval()
     kind = settings['dataset']
     names = contents.class_names or SEG_CLASS_NAMES.get(kind)
     if names is not None and len(names) != model.num_classes:
@@ -230,7 +140,7 @@ def segment(args, contents, paths, device, autocast):
     ratios, flip = (AUG_TEST_RATIOS, True) if args.aug_test else ((1.0,), False)
     mode = args.mode or 'slide'
     transform = SegEvalTransform(test_scale)
-    colours = validate_seg.palette(model.num_classes)
+    colours = class_palette(model.num_classes)
     _, files = relative_names(paths)
     _logger.info('%s + UPerHead (%d classes) on %d images: %s inference%s, test scale %s', settings['model'],
                  model.num_classes, len(paths), mode,
@@ -251,7 +161,7 @@ def segment(args, contents, paths, device, autocast):
             if args.save_predictions:
                 save_image(Image.fromarray(pred + offset), os.path.join(args.save_predictions, files[index]))
             if args.save_overlays:
-                save_image(validate_seg.make_overlay(paths[index], pred, colours),
+                save_image(make_overlay(paths[index], pred, colours),
                            os.path.join(args.save_overlays, files[index]))
             share = np.bincount(pred.ravel(), minlength=model.num_classes) / pred.size
             row = {'path': paths[index]}
@@ -268,8 +178,8 @@ def segment(args, contents, paths, device, autocast):
 def detect(args, contents, paths, device, autocast):
     """The detections scoring at least --score-threshold at each image's original size (as shown), as
     validate_det.py makes them (same test size); Mask R-CNN's masks pasted for those only."""
-    settings = validate_det.resolve_settings(args, contents)
-    model, shape = validate_det.build_from_checkpoint(contents, settings['model'], settings['test_size'],
+    settings = detector.resolve_settings(args, contents)
+    model, shape = detector.build_from_checkpoint(contents, settings['model'], settings['test_size'],
                                                       settings['max_size'])
     model.to(device).eval()
     count = shape['num_classes']
@@ -279,7 +189,7 @@ def detect(args, contents, paths, device, autocast):
         raise CheckpointError(f'{contents.path} records {len(names)} class names and {len(label_to_category) - 1} '
                               f'category ids, its detector has {count} classes')
     threshold = 0.5 if args.score_threshold is None else args.score_threshold
-    colours = validate_det.palette(count)
+    colours = detection_palette(count)
     relative, files = relative_names(paths)
     _logger.info('%s on %s (%d classes) on %d images at short side %d (long <= %d)', shape['kind'],
                  settings['model'], count, len(paths), settings['test_size'], settings['max_size'])
@@ -305,7 +215,7 @@ def detect(args, contents, paths, device, autocast):
                     found.update(id=len(annotations) + 1, iscrowd=0, area=round(w * h, 3))
                     annotations.append(found)
                 if args.save_overlays:
-                    save_image(validate_det.draw_detections(paths[index], output, names, threshold, colours),
+                    save_image(draw_detections(paths[index], output, names, threshold, colours),
                                os.path.join(args.save_overlays, files[index]))
                 keep = range(min(args.topk, len(output['scores'])))
                 row = {'path': paths[index], 'detections': len(output['scores'])}

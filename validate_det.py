@@ -18,42 +18,25 @@ are gathered on the first.
 import argparse
 import json
 import logging
-import math
 import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision.utils import draw_bounding_boxes
 
 from data import DataError
 from data.coco import CocoInstances, coco_split, detection_eval_loader
-from data.images import read_image
 from engine import (DiskFullError, add_amp_options, add_device_options, check_outputs, check_results_file,
-                    check_writable_folder, save_image, settings_from_training, setup_runtime, write_atomically,
-                    write_results)
-from models import check_img_size
-from models.detection import build_detector, detector_settings, inference_size, position_grid_size
+                    check_writable_folder, setup_runtime, write_atomically, write_results)
+from inference.detector import add_size_options, build_from_checkpoint, overlay_name, overlay_writer, resolve_settings
+from models.detection import inference_size
 from models.segmentation import SEGMENTATION_BACKBONES
-from utils import CheckpointError, load_pretrained_weights, read_checkpoint
+from utils import CheckpointError, read_checkpoint
 from utils.cli import UsageError, run_cli
 from utils.config import positive_int
-from utils.det_metrics import binary_mask, coco_stats, evaluate_detection
+from utils.det_metrics import coco_stats, evaluate_detection
 from utils.log import log_to_file, setup_logging
 
 _logger = logging.getLogger('validate_det')
-OVERLAY_MIN_SIDE = 384  # pixels: smaller images are drawn enlarged
-
-
-def add_size_options(p):
-    """The size a detector runs at (validate_det.py, predict.py)."""
-    p.add_argument('--test-size', type=positive_int, default=None, metavar='SHORT',
-                   help="short side at inference (default: the checkpoint's, else 800)")
-    p.add_argument('--max-size', type=positive_int, default=None, help="longest side (default: the checkpoint's, "
-                                                                      "else 1333)")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DIR', nargs='?', default='',
@@ -77,94 +60,6 @@ def parse_args(argv=None):
     if not (args.ann and args.images) and not args.data:
         p.error('give a COCO root DIR, or --ann and --images')
     return args
-
-
-def palette(num_classes):
-    """A fixed, well-spread colour per label (label 0, the background, is never drawn)."""
-    rng = np.random.default_rng(12345)
-    return [tuple(int(c) for c in rng.integers(40, 256, size=3)) for _ in range(num_classes + 1)]
-
-
-def draw_detections(image_path, output, class_names, threshold, colours, min_side=OVERLAY_MIN_SIDE):
-    """The image with the detections scoring at least `threshold`: masks (Mask R-CNN) blended in,
-    boxes, and 'name score' labels. Images with a side under `min_side` are enlarged (by a whole
-    factor, nearest) so that the labels stay readable."""
-    image = read_image(image_path)
-    factor = max(1, math.ceil(min_side / min(image.size)))
-    if factor > 1:
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-    image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-    keep = output['scores'] >= threshold
-    labels = output['labels'][keep].tolist()
-    colour = [colours[label] for label in labels]
-    if 'masks' in output and keep.any():
-        image = blend_masks(image, output['masks'], keep.nonzero()[:, 0].tolist(), colour, factor)
-    if keep.any():
-        text = [f'{class_names[label - 1]} {score:.2f}' for label, score in zip(labels, output['scores'][keep].tolist())]
-        image = draw_bounding_boxes(image, output['boxes'][keep] * factor, labels=text, colors=colour, width=2)
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
-
-
-def blend_masks(image, masks, indices, colours, factor=1, alpha=0.45):
-    """`image` (3, H, W uint8) with the masks `indices` of `masks` (binary_mask reads them, one at a
-    time, enlarged by `factor`) painted in `colours` and blended at `alpha`: what
-    draw_segmentation_masks draws, without stacking every mask at the image's size; where masks
-    overlap the later one shows (torchvision blacks overlaps out)."""
-    painted, covered = image.clone(), torch.zeros(image.shape[1:], dtype=torch.bool)
-    for i, colour in zip(indices, colours):
-        mask = binary_mask(masks, i).repeat_interleave(factor, 0).repeat_interleave(factor, 1)
-        painted[:, mask] = torch.tensor(colour, dtype=torch.uint8)[:, None]
-        covered |= mask
-    blended = image.clone()
-    blended[:, covered] = (image[:, covered] * (1 - alpha) + painted[:, covered] * alpha).to(torch.uint8)
-    return blended
-
-
-def overlay_writer(dataset, folder, threshold):
-    """on_outputs(image_ids, outputs) that draws each image's detections into folder/<stem>.png."""
-    colours = palette(len(dataset.class_names))
-
-    def write(image_ids, outputs):
-        for image_id, output in zip(image_ids, outputs):
-            info = dataset.coco.imgs[image_id]
-            drawn = draw_detections(os.path.join(dataset.root, info['file_name']),
-                                    {k: v.detach().cpu() for k, v in output.items()}, dataset.class_names, threshold,
-                                    colours)
-            save_image(drawn, os.path.join(folder, overlay_name(dataset, image_id)))
-    return write
-
-
-def overlay_name(dataset, image_id):
-    """The file an image's overlay is written to: its file name's stem, .png."""
-    return os.path.splitext(os.path.basename(dataset.coco.imgs[image_id]['file_name']))[0] + '.png'
-
-
-def resolve_settings(args, contents):
-    """(backbone, test size, max size) from the command line, else the checkpoint's training
-    arguments, else the recipe's 800 / 1333."""
-    trained = dict(contents.train_args or {})
-    settings = settings_from_training(dict(model=args.model, test_size=args.test_size, max_size=args.max_size),
-                                      trained, contents.path, defaults=dict(test_size=800, max_size=1333))
-    if settings['model'] is None:
-        raise UsageError(f'{contents.path} does not record its backbone: pass --model')
-    for name in ('test_size', 'max_size'):
-        try:
-            check_img_size(settings[name], f'--{name.replace("_", "-")}')
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    return settings
-
-
-def build_from_checkpoint(contents, model_name, test_size, max_size):
-    try:
-        shape = detector_settings(contents.state_dict, contents.path)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    model = build_detector(model_name, shape['num_classes'], kind=shape['kind'], min_size=test_size, max_size=max_size,
-                           fpn_channels=shape['fpn_channels'],
-                           img_size=position_grid_size(model_name, test_size, max_size))
-    load_pretrained_weights(model, contents.path, state_dict=contents.state_dict)
-    return model, shape
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 import predict
 import train_det
 import validate_det
+from inference.overlays import OVERLAY_MIN_SIDE, blend_masks
 from data.coco import AspectRatioBatchSampler, CocoInstances
 from data.synthetic_det import make_coco_dataset
 from engine.summary import read_summary
@@ -99,7 +100,7 @@ def test_train_resume_and_validate_agree_with_pycocotools(coco, trained, tmp_pat
     changed = 0
     for name in drawn:
         info = next(i for i in gt.dataset['images'] if i['file_name'].startswith(name[:-4]))
-        factor = -(-validate_det.OVERLAY_MIN_SIDE // min(info['width'], info['height']))  # small images enlarged
+        factor = -(-OVERLAY_MIN_SIDE // min(info['width'], info['height']))  # small images enlarged
         with Image.open(os.path.join(coco, 'val2017', info['file_name'])) as source, Image.open(overlays / name) as image:
             assert image.size == (info['width'] * factor, info['height'] * factor)
             plain = source.convert('RGB').resize(image.size, Image.NEAREST)
@@ -441,7 +442,7 @@ def test_masks_are_blended_as_torchvision_draws_them_one_at_a_time():
     image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
     probabilities = torch.rand(4, 1, 40, 50)
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 99, 199)]
-    drawn = validate_det.blend_masks(image, probabilities, [0, 2, 3], [colours[0], colours[2], colours[3]])
+    drawn = blend_masks(image, probabilities, [0, 2, 3], [colours[0], colours[2], colours[3]])
     expected = draw_segmentation_masks(image, probabilities[[0, 2, 3], 0] > 0.5, alpha=0.45,
                                        colors=[colours[0], colours[2], colours[3]])
     masks = probabilities[[0, 2, 3], 0] > 0.5

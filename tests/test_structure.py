@@ -1,4 +1,5 @@
-"""The repository's import structure: layers -> models -> utils/data/loss/engine -> scripts, one way."""
+"""The repository's import structure: layers -> models -> utils/data/loss/engine -> inference -> scripts, one
+way; no script is imported by anything else."""
 import ast
 import glob
 import os
@@ -8,12 +9,14 @@ import pytest
 from tests.fresh_interpreter import fresh_import_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ('layers', 'models', 'utils', 'data', 'loss', 'engine')
+PACKAGES = ('layers', 'models', 'utils', 'data', 'loss', 'engine', 'inference')
 SCRIPTS = ('main', 'validate', 'predict', 'demo', 'train_seg', 'validate_seg', 'demo_seg', 'train_det', 'validate_det',
-           'demo_det', 'tools')
+           'demo_det', 'hubconf', 'tools')
+TOP_LEVEL_SCRIPTS = tuple(s for s in SCRIPTS if s != 'tools')
 # what each package may import from this repository (function-level imports count too)
 ALLOWED = {'layers': {'layers'}, 'models': {'layers', 'models'}, 'utils': {'layers', 'utils'},
-           'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}, 'engine': {'layers', 'utils', 'engine'}}
+           'data': {'layers', 'data'}, 'loss': {'layers', 'loss'}, 'engine': {'layers', 'utils', 'engine'},
+           'inference': {'layers', 'models', 'utils', 'data', 'engine', 'inference'}}
 TRAINERS = ('main', 'train_seg', 'train_det')
 VALIDATORS = ('validate', 'validate_seg', 'validate_det')
 
@@ -127,3 +130,4 @@ def test_every_family_registers_its_checkpoint_hooks():
                                                                           family.checkpoint_variant)
     assert model_hooks(build_segmentor('volo_d1', 3, img_size=(32, 32))).checkpoint_variant is \
         models.segmentation.checkpoint_variant
+

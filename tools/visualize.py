@@ -358,7 +358,7 @@ def render(model, image, mean, std, names, out, block=(0, 0), at=None, cam_class
 
 
 def parse_args(argv=None):
-    from validate import add_model_options
+    from inference.classifier import add_model_options
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('image')
     p.add_argument('--checkpoint', default='')
@@ -381,11 +381,10 @@ def main(argv=None):
     from data import eval_transform
     from data.images import read_image
     from engine import check_writable_folder, select_device
-    from predict import class_names
+    from inference.classifier import build_classifier, class_names
     from utils import read_checkpoint
     from utils.cli import UsageError
     from utils.log import setup_logging
-    from validate import build_classifier
     setup_logging()
     args = parse_args(argv)
     check_writable_folder(args.out, '--out')
