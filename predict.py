@@ -61,7 +61,8 @@ TASK_OPTIONS = {'save_predictions': ('seg',), 'save_results': ('det',), 'save_ov
                 'dataset': ('seg',), 'mode': ('seg',), 'crop_size': ('seg',), 'stride': ('seg',), 'test_scale': ('seg',),
                 'aug_test': ('seg',), 'test_size': ('det',), 'max_size': ('det',), 'score_threshold': ('det',),
                 'img_size': ('classify',), 'crop_pct': ('classify',), 'num_classes': ('classify',),
-                'pretrained': ('classify',)}
+                'pretrained': ('classify',), 'interpolation': ('classify',), 'mean': ('classify',),
+                'std': ('classify',), 'channels_last': ('classify',), 'allow_non_finite': ('classify',)}
 
 
 def parse_args(argv=None):
@@ -87,13 +88,15 @@ def parse_args(argv=None):
     det = p.add_argument_group('detectors (as validate_det.py)')
     detector.add_size_options(det)
     det.add_argument('--score-threshold', type=float, default=None,
-                     help='lowest score in the rows and on the overlays (default 0.5); --save-results keeps all')
-    det.add_argument('--save-results', default=None, metavar='JSON', help='every detection, COCO dataset format')
+                     help='lowest score kept: rows, overlays and --save-results (default 0.5)')
+    det.add_argument('--save-results', default=None, metavar='JSON',
+                     help='the detections kept, COCO dataset format')
     p.add_argument('--save-overlays', default=None, metavar='DIR', help='seg and det: the predictions drawn')
     args = p.parse_args(argv)
     if not args.checkpoint and not args.pretrained:
         p.error('give --checkpoint FILE_OR_RUN, or --model NAME --pretrained')
-    args.pretrained = args.pretrained or None
+    for flag in ('pretrained', 'interpolation', 'channels_last', 'allow_non_finite'):  # not given: None
+        setattr(args, flag, getattr(args, flag) or None)
     return args
 
 

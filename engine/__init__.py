@@ -4,7 +4,7 @@ clipping, optimizer, EMA and schedule (step),
 and the run on disk: resume, run directory, checkpoints, summary, tracking (run). A task script
 keeps only what is its own: model, data, loss, schedule, metric."""
 from .checkpoint_saver import CheckpointSaver
-from .files import DiskFullError, check_writable_folder, save_image, write_atomically
+from .files import DiskFullError, check_writable_folder, save_figure, save_image, write_atomically
 from .options import (add_amp_options, add_config_option, add_device_options, add_renamed, add_training_options,
                       extends_run, parse_with_config, resolved_later, run_extending)
 from .run import Resume, RunDirectory, complete_summary, find_resume, resume_training, run_trainer

@@ -66,6 +66,12 @@ def save_image(image, path):
     os.replace(write_staged(path, lambda f: image.save(f, format='PNG')), path)
 
 
+def save_figure(figure, path, **savefig):
+    """A matplotlib figure, in the format its name gives (.png, .pdf, .svg ...), atomically."""
+    kind = os.path.splitext(path)[1][1:].lower() or 'png'
+    os.replace(write_staged(path, lambda f: figure.savefig(f, format=kind, **savefig)), path)
+
+
 def _cannot_write(option, path, reason):
     return UsageError(f'{option} {path}: cannot write there ({reason})')
 

@@ -172,7 +172,10 @@ def test_predict_finds_what_validate_det_finds_and_writes_a_coco_dataset(coco, t
 
     for argv, message in ((['--task', 'seg'], '--task seg: ' + os.path.join(run, 'model_best.pth.tar') + ' holds a '
                                                                             'detector (--task det)'),
-                          (['--save-predictions', str(tmp_path / 'p')], '--save-predictions is for seg models')):
+                          (['--save-predictions', str(tmp_path / 'p')], '--save-predictions is for seg models'),
+                          (['--mean', '0.5', '0.5', '0.5'], '--mean is for classify models'),
+                          (['--interpolation', 'bilinear'], '--interpolation is for classify models'),
+                          (['--channels-last'], '--channels-last is for classify models')):
         with pytest.raises(SystemExit) as exit_info:
             predict.cli([os.path.join(coco, 'val2017'), '--checkpoint', run, *argv])
         assert exit_info.value.code == 2

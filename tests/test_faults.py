@@ -336,12 +336,13 @@ def test_generator_topk_and_stale_temporaries(shapes, tmp_path, caplog):
     from tools import generate_token_labels
     out = tmp_path / 'labels'
     (out / 'c0').mkdir(parents=True)
-    (out / 'c0' / 'img.pt.tmp4242').write_bytes(b'half')
+    (out / 'c0' / 'img.pt.tmp4242').write_bytes(b'half')  # an older version's temporary name
+    (out / 'c0' / 'other.pt.partial').write_bytes(b'half')
     argv = [os.path.join(shapes, 'train'), '--output', str(out), '--model', 'volo_d1', '--img-size', '32',
             '--num-classes', '3', '-b', '8', '-j', '0']
     assert generate_token_labels.cli(argv + ['--topk', '5']) == 2
     assert 'exceeds the model' in caplog.text
-    assert not (out / 'c0' / 'img.pt.tmp4242').exists()
+    assert not (out / 'c0' / 'img.pt.tmp4242').exists() and not (out / 'c0' / 'other.pt.partial').exists()
 
 
 def test_a_kill_between_the_last_checkpoint_and_its_summary_row_is_repaired_on_resume(shapes, tmp_path, caplog):

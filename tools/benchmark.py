@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers this repo's models)
+from engine.files import write_atomically
 from models import DenseTrainingForward
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -234,8 +235,7 @@ def report(results, json_path=None):
     for key, value in results.items():
         print(f'{key}: {value:.3f}' if isinstance(value, float) else f'{key}: {value}')
     if json_path:
-        with open(json_path, 'w') as f:
-            json.dump(results, f, indent=2)
+        write_atomically(json_path, json.dumps(results, indent=2).encode())
 
 
 def sync(device):
@@ -330,8 +330,7 @@ def main(argv=None):
             o, t = (next(r for r in results if r['impl'] == i and r['mode'] == mode) for i in ('ours', 'timm'))
             print(f'speed-up over timm ({mode}): {t["ms"] / o["ms"]:.2f}x')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+        write_atomically(args.json, json.dumps(results, indent=2).encode())
     return results
 
 

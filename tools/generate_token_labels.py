@@ -30,7 +30,7 @@ import models  # noqa: F401
 from data.dataset import (DataError, ImageFolderDataset, describe_collisions, find_split, label_path,
                           label_path_collisions)
 from engine import DiskFullError
-from engine.files import is_disk_full
+from engine.files import PARTIAL, write_staged
 from utils import CheckpointError, load_pretrained_weights
 from utils.log import setup_logging
 
@@ -82,8 +82,9 @@ def dense_logits(model, x):
 
 
 def remove_stale_temporaries(output):
-    """Label files a killed run left under their temporary names (`<name>.pt.tmp<pid>`)."""
-    stale = glob.glob(os.path.join(output, '*', '*.pt.tmp*'))
+    """Label files a killed run left under their temporary names (`<name>.pt.partial`; runs of
+    older versions: `<name>.pt.tmp<pid>`)."""
+    stale = glob.glob(os.path.join(output, '*', '*.pt' + PARTIAL)) + glob.glob(os.path.join(output, '*', '*.pt.tmp*'))
     for path in stale:
         os.remove(path)
     if stale:
@@ -92,19 +93,8 @@ def remove_stale_temporaries(output):
 
 def save_atomic(tensor, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        torch.save(tensor, tmp)
-    except BaseException as e:
-        full = is_disk_full(e, tmp)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if full:
-            raise DiskFullError(e.errno if isinstance(e, OSError) else 28,
-                                f'no space left on device while writing {tmp}; the label files written '
-                                f'before are kept (run again to continue)') from None
-        raise
-    os.replace(tmp, path)
+    os.replace(write_staged(path, lambda f: torch.save(tensor, f),
+                            kept='the label files written before are kept (run again to continue)'), path)
 
 
 class _Pending(torch.utils.data.Dataset):

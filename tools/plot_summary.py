@@ -11,6 +11,8 @@ import sys
 
 from matplotlib.figure import Figure  # drawn off-screen: importing this module changes no matplotlib backend
 
+from engine.files import save_figure
+
 
 def read_summary(path):
     with open(path) as f:
@@ -47,7 +49,7 @@ def main(argv=None):
     fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
     fig.tight_layout()
     out = args.out or os.path.join(os.path.dirname(path), 'summary.png')
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     print(out)
     return out
 

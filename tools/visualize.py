@@ -28,6 +28,7 @@ from layers.outlook_attention import OutlookAttention, pool_ceil
 from models.visformer import Attention as VisformerAttention
 from models.visformer import Visformer
 from models.volo import VOLO, ClassAttention, Transformer
+from engine.files import save_figure
 
 _logger = logging.getLogger('visualize')
 TOKEN_STRIDE = 16  # pixels per token of VOLO's transformer and class-attention stages
@@ -195,7 +196,7 @@ def draw_token_labels(image_path, classes, scores, names, path):
     for ax in axes:
         ax.axis('off')
     fig.suptitle(f'Token labels: {os.path.basename(image_path)}', fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    save_figure(fig, path, dpi=100, bbox_inches='tight')
 
 
 def _figure(rows, cols, figsize, squeeze=True):
@@ -247,7 +248,7 @@ def draw_outlook(image, weights, pixels_per_cell, at, mean, std, path, block):
         table.set_yticks([])
         table.set_title('its weights (sum 1)', fontsize=7)
     fig.suptitle(f'Outlook attention, block {block}, window at cell {tuple(at)}: what its centre gathers', fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    save_figure(fig, path, dpi=100, bbox_inches='tight')
 
 
 def draw_class_attention(image, maps, grid, mean, std, path):
@@ -262,7 +263,7 @@ def draw_class_attention(image, maps, grid, mean, std, path):
         axes[0, b].set_title(f'class-attention block {b} (mean of heads)', fontsize=8)
         axes[0, b].axis('off')
     fig.suptitle('Where the class token looks', fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    save_figure(fig, path, dpi=100, bbox_inches='tight')
 
 
 def draw_dense(image, dense, overall, names, mean, std, path, top=5):
@@ -286,7 +287,7 @@ def draw_dense(image, dense, overall, names, mean, std, path, top=5):
     for ax in axes[:2]:
         ax.axis('off')
     fig.suptitle(f'Dense prediction: mean token confidence {float(confidence.mean()):.2f}', fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    save_figure(fig, path, dpi=100, bbox_inches='tight')
 
 
 def draw_visformer_attention(image, maps, mean, std, path):
@@ -308,7 +309,7 @@ def draw_visformer_attention(image, maps, mean, std, path):
         ax.add_patch(Rectangle((c * cell_w, r * cell_h), cell_w, cell_h, fill=False, edgecolor='white', linewidth=1.5))
         ax.set_title(f'{name} ({h}x{w} grid)', fontsize=8)
     fig.suptitle('Visformer attention: where the outlined cell looks (mean of heads)', fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    save_figure(fig, path, dpi=100, bbox_inches='tight')
 
 
 def draw_class_activation(image, heat, class_name, probability, mean, std, path):
@@ -323,7 +324,7 @@ def draw_class_activation(image, heat, class_name, probability, mean, std, path)
     for ax in axes:
         ax.axis('off')
     fig.suptitle('Class activation map: the regions that raise this class', fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
+    save_figure(fig, path, dpi=100, bbox_inches='tight')
 
 
 def render(model, image, mean, std, names, out, block=(0, 0), at=None, cam_class=None):
