@@ -1,10 +1,12 @@
 """The engine every trainer shares (engine/): a non-finite loss on one rank stops every rank with
 one line, a failed evaluation loses no trained work, segmentation's tracking holds its summary,
 and the option vocabulary is one for all scripts (renamed spellings still work)."""
+import argparse
 import glob
 import logging
 import os
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -12,8 +14,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as train_script
+import predict
+import train_det
 import train_seg
 import validate
+import validate_det
 import validate_seg
 from data import DataError
 from data.synthetic_seg import make_seg_dataset
@@ -153,21 +158,81 @@ def test_renamed_segmentation_options_keep_working_and_say_what_to_use(tmp_path,
     assert validate_seg.parse_args(['/d', '--checkpoint', 'c', '--dataset', 'folder']).dataset == 'seg-folder'
 
 
+def _parser_built_by(parse, argv):
+    """The ArgumentParser that a script's parse_args(argv) builds and parses with."""
+    built, real = [], argparse.ArgumentParser.parse_args
+
+    def recording(self, args=None, namespace=None):
+        built.append(self)
+        return real(self, args, namespace)
+
+    with mock.patch.object(argparse.ArgumentParser, 'parse_args', recording):
+        parse(argv)
+    return built[-1]
+
+
+def _assert_has_the_shared_options(parser, reference, own_defaults, script):
+    """Every option of `reference` (engine/options.py's) is in `parser` as defined there: same
+    spellings, destination, kind, type, choices and markers; the same default unless the script
+    sets its own (`own_defaults`)."""
+    by_flags = {tuple(a.option_strings): a for a in parser._actions}
+    for shared in reference._actions:
+        if isinstance(shared, argparse._HelpAction):
+            continue
+        action = by_flags.get(tuple(shared.option_strings))
+        assert action is not None, f'{script}: no {"/".join(shared.option_strings)}'
+        for field in ('dest', 'nargs', 'const', 'type', 'choices', 'required'):
+            assert getattr(action, field) == getattr(shared, field), (script, shared.option_strings, field)
+        assert type(action) is type(shared), (script, shared.option_strings)
+        for marker in ('extends_run', 'resolved_later'):
+            assert getattr(action, marker, False) == getattr(shared, marker, False), (script, shared.dest, marker)
+        if shared.dest not in own_defaults:
+            assert action.default == shared.default, (script, shared.dest)
+
+
 def test_one_option_vocabulary_for_every_script():
-    trainers = (train_script.get_parser(), train_seg.get_parser())
-    validators = (validate.parse_args, validate_seg.parse_args)
-    for parser in trainers:
+    from engine import add_amp_options, add_device_options, add_training_options, run_extending
+    trainers = {'main.py': (train_script.get_parser(), train_script.parse_args),
+                'train_seg.py': (train_seg.get_parser(), train_seg.parse_args),
+                'train_det.py': (train_det.get_parser(), train_det.parse_args)}
+    validators = {'validate.py': validate.parse_args, 'validate_seg.py': validate_seg.parse_args,
+                  'validate_det.py': validate_det.parse_args, 'predict.py': predict.parse_args}
+    shared_training = argparse.ArgumentParser()
+    add_training_options(shared_training)
+    shared_inference = argparse.ArgumentParser()
+    add_device_options(shared_inference)
+    add_amp_options(shared_inference)
+    common = {'-c', '--device', '-j', '--amp', '--amp-dtype', '--apex-amp', '--native-amp', '--seed', '--output',
+              '--resume', '--log-interval', '--log-wandb', '--wandb-project', '--wandb-tags', '--wandb-resume-id',
+              '--log-tensorboard'}
+    assert common <= {flag for action in shared_training._actions for flag in action.option_strings}
+    for script, (parser, parse) in trainers.items():
         flags = {flag for action in parser._actions for flag in action.option_strings}
-        assert flags >= {'-c', '--device', '-j', '--amp', '--amp-dtype', '--apex-amp', '--native-amp', '--seed',
-                         '--output', '--resume', '--log-interval', '--log-wandb', '--wandb-project', '--wandb-tags',
-                         '--wandb-resume-id', '--log-tensorboard', '--sync-bn', '--no-sync-bn'}
-    for parse in validators:
-        args = parse(['/d', '--checkpoint', 'c', '--device', 'cpu', '-j', '1', '--amp', '--amp-dtype', 'bfloat16'])
-        assert (args.device, args.workers, args.amp, args.amp_dtype) == ('cpu', 1, True, 'bfloat16')
+        assert flags >= common, (script, common - flags)
+        _assert_has_the_shared_options(parser, shared_training, {'output', 'seed', 'log_interval', 'workers'}, script)
+        assert run_extending(shared_training) <= run_extending(parser), script
+        args = parse(['/d', '--device', 'cpu', '-j', '1', '--amp', '--amp-dtype', 'bfloat16', '--seed', '7',
+                      '--output', '/o', '--resume', 'auto', '--log-interval', '3', '--log-tensorboard', '/tb'])
+        assert (args.device, args.workers, args.amp, args.amp_dtype, args.seed, args.output, args.resume,
+                args.log_interval, args.log_tensorboard) == ('cpu', 1, True, 'bfloat16', 7, '/o', 'auto', 3, '/tb')
+    for script, parse in validators.items():
+        argv = ['/d', '--checkpoint', 'c', '--device', 'cpu', '-j', '1', '--amp', '--amp-dtype', 'bfloat16']
+        _assert_has_the_shared_options(_parser_built_by(parse, argv), shared_inference, {'workers'}, script)
+        args = parse(argv)
+        assert (args.device, args.workers, args.amp, args.amp_dtype) == ('cpu', 1, True, 'bfloat16'), script
+        assert parse(['/d', '--checkpoint', 'c', '--native-amp', '--apex-amp']).native_amp, script
+    for parse in [parse for _, parse in trainers.values()] + list(validators.values()):
+        for wrong in (['-j', '-1'], ['--amp-dtype', 'float32']):  # the shared checks, on every script
+            with pytest.raises(SystemExit):
+                parse(['/d', '--checkpoint', 'c', *wrong] if parse in validators.values() else ['/d', *wrong])
+    # --sync-bn: main.py's and train_seg.py's (train_det.py has none)
     assert train_script.parse_args(['/d']).sync_bn is False and train_script.parse_args(['/d', '--sync-bn']).sync_bn
     assert train_seg.parse_args(['/d']).sync_bn is True and not train_seg.parse_args(['/d', '--no-sync-bn']).sync_bn
     # what a resumed command may change is marked where the options are defined
-    from engine import run_extending
-    assert {'epochs', 'output', 'workers', 'log_wandb', 'resume'} <= run_extending(trainers[0])
-    assert {'iters', 'output', 'workers', 'log_tensorboard', 'eval_interval'} <= run_extending(trainers[1])
-    assert not {'lr', 'model', 'batch_size'} & (run_extending(trainers[0]) | run_extending(trainers[1]))
+    main_parser, seg_parser, det_parser = (parser for parser, _ in trainers.values())
+    assert {'epochs', 'output', 'workers', 'log_wandb', 'resume'} <= run_extending(main_parser)
+    assert {'iters', 'output', 'workers', 'log_tensorboard', 'eval_interval'} <= run_extending(seg_parser)
+    assert {'epochs', 'output', 'workers', 'log_wandb', 'resume', 'eval_interval', 'checkpoint_hist'} <= \
+        run_extending(det_parser)
+    assert not {'lr', 'model', 'batch_size'} & (run_extending(main_parser) | run_extending(seg_parser)
+                                                | run_extending(det_parser))

@@ -1,5 +1,7 @@
 """Deployment paths: ONNX at opset 17 (no Col2Im) and torch.compile, against eager PyTorch."""
+import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -15,6 +17,15 @@ def test_onnx_opset17_export_matches_torch(tmp_path):
     path = str(tmp_path / 'volo_d1.onnx')
     version, diff = export_onnx.export(model, 32, path, opset=17)
     assert version == 17 and diff <= 1e-4
+    # the written file, run here by onnxruntime on images of this test, against the eval-mode model's logits
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    [given] = session.get_inputs()
+    got = session.run(None, {given.name: x.numpy()})[0]
+    assert got.shape == expected.shape == (2, 10)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     graph = onnx.load(path)
     assert 'Col2Im' not in {n.op_type for n in graph.graph.node}
     assert {o.version for o in graph.opset_import if o.domain in ('', 'ai.onnx')} == {17}

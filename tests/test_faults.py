@@ -301,14 +301,32 @@ def test_validate_reports_bad_inputs_clearly(shapes, tmp_path, caplog):
     assert '--model volo_d9' in msg
 
 
-def test_corrupt_validation_image_is_skipped_not_replaced(shapes, tmp_path, caplog):
+def test_corrupt_validation_image_is_skipped_not_replaced(shapes, tmp_path, caplog, monkeypatch):
     root, victim = copy_with_unreadable_image(shapes, tmp_path / 'data', 'val')
+    built, real_create = [], timm.create_model  # the (randomly initialised) model validate.py builds
+    monkeypatch.setattr(timm, 'create_model', lambda *a, **k: built.append(real_create(*a, **k)) or built[-1])
+    torch.manual_seed(0)
     with caplog.at_level('INFO'):
         rows = validate_script.main([str(root), '--model', 'volo_test', '--img-size', '32', '--num-classes', '3',
                                      '-j', '0', '-b', '4'])
+    monkeypatch.undo()
     assert str(victim) in caplog.text
     assert '(11 images' in caplog.text  # 12 in the folder, one unreadable, none counted twice
-    assert 0 <= rows[0]['top1'] <= 100
+    # the metrics of the 11 readable images, each scored once, computed here (the loss tells each image's
+    # logits and target apart where a random model's top-1 may not)
+    from PIL import Image
+    from timm.data import create_transform
+    transform = create_transform(32, is_training=False, crop_pct=0.96, interpolation='bicubic')
+    classes = sorted(os.listdir(root / 'val'))
+    readable = [(path, index) for index, name in enumerate(classes) for path in sorted((root / 'val' / name).iterdir())
+                if path != victim]
+    images = torch.stack([transform(Image.open(path).convert('RGB')) for path, _ in readable])
+    targets = torch.tensor([index for _, index in readable])
+    with torch.no_grad():
+        logits = built[-1].eval()(images)
+    assert len(targets) == rows[0]['num_images'] == 11
+    assert rows[0]['top1'] == pytest.approx(100. * (logits.argmax(1) == targets).float().mean().item(), abs=1e-3)
+    assert rows[0]['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-4)
 
 
 def test_ctrl_c_with_workers_exits_promptly(shapes, tmp_path):

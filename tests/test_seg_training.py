@@ -10,17 +10,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import predict
 import train_seg
 import validate_seg
-from data import ADE20K_CLASSES
+from data import ADE20K_CLASSES, SegEvalTransform, build_seg_dataset
 from tools import cityscapes_train_ids
 from data.synthetic_seg import make_seg_dataset
 from engine.summary import read_summary
 from tests.forked import run_ranks
+from utils import seg_inference
 from utils.cli import UsageError
+from utils.seg_inference import AUG_TEST_RATIOS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--model', 'volo_d1', '--crop-size', '32', '32', '-b', '2', '--warmup-iters', '1', '-j', '0',
@@ -149,13 +152,58 @@ def test_cityscapes_train_then_slide_validate_with_overlays(cityscapes, tmp_path
     assert len(overlays) == 2 and Image.open(overlays[0]).size == (96, 48) and Image.open(overlays[0]).mode == 'RGB'
 
 
-def test_aug_test_runs_every_scale_and_flip(folder, tmp_path):
+def test_aug_test_runs_every_scale_and_flip(folder, tmp_path, monkeypatch):
     run = train_seg.main([folder, '--dataset', 'folder', *FAST, '--iters', '1', '--eval-interval', '0',
                           '--output', str(tmp_path / 'out')])  # --warmup-iters 1 of 1: none, with a warning
+    built, inputs, scores = [], [], []  # the segmentor validate_seg.py builds, every input it runs on, the scores
+    real_build, real_scores = validate_seg.build_from_checkpoint, seg_inference.predict_scores
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(validate_seg, 'build_from_checkpoint', build)
+    monkeypatch.setattr(seg_inference, 'predict_scores', lambda *a, **k: scores.append(real_scores(*a, **k)) or
+                        scores[-1])
     plain = validate_seg.main([folder, '--checkpoint', run, '--mode', 'whole', '-j', '0'])
+    plain_inputs, plain_scores = inputs[:], scores[:]
+    inputs.clear()
+    scores.clear()
     tta = validate_seg.main([folder, '--checkpoint', run, '--mode', 'whole', '--aug-test', '-j', '0'])
+    monkeypatch.undo()
     assert plain['images'] == tta['images'] == 2 and tta['aug_test'] and [r['class'] for r in tta['per_class']] == \
         ['background', 'ellipse', 'rectangle', 'triangle']
+    # every scale ratio of utils/seg_inference.py and its horizontal flip, written out here: the image resized
+    # (mmseg's int(side * ratio + 0.5)), flipped or not, padded at the bottom and right to VOLO's stride 16;
+    # the scores: each pass's logits cropped, flipped back, resized to the label, softmax, averaged
+    model = built[-1].eval()
+    dataset = build_seg_dataset('seg-folder', folder, 'val', SegEvalTransform(None))
+    per_image = 2 * len(AUG_TEST_RATIOS)  # forward passes per image
+    assert (len(plain_inputs), len(inputs)) == (len(dataset), len(dataset) * per_image)
+    for i in range(len(dataset)):
+        image, label, _ = dataset[i]
+        image, (h, w) = image[None], image.shape[1:]
+        assert torch.equal(plain_inputs[i], image)  # 48x48: no padding
+        expected, total = [], torch.zeros(1, 4, *label.shape)
+        for ratio in AUG_TEST_RATIOS:
+            size = (int(h * ratio + 0.5), int(w * ratio + 0.5))
+            scaled = F.interpolate(image, size=size, mode='bilinear', align_corners=False)
+            for flipped in (False, True):
+                x = F.pad(scaled.flip(3) if flipped else scaled, (0, -size[1] % 16, 0, -size[0] % 16))
+                expected.append(((ratio, flipped), x))
+                with torch.no_grad():
+                    logits = model(x)[:, :, :size[0], :size[1]]
+                logits = logits.flip(3) if flipped else logits
+                total += F.interpolate(logits, size=tuple(label.shape), mode='bilinear', align_corners=False).softmax(1)
+        ran = inputs[i * per_image:(i + 1) * per_image]
+        matched = [next((k for k, (_, x) in enumerate(expected) if x.shape == got.shape and
+                         torch.allclose(x, got, atol=1e-5)), None) for got in ran]
+        assert None not in matched and sorted(matched) == list(range(per_image)), \
+            [expected[k][0] if k is not None else tuple(got.shape) for k, got in zip(matched, ran)]  # each pass once
+        torch.testing.assert_close(scores[i], total / per_image, rtol=1e-4, atol=1e-5)
+        assert (scores[i] - plain_scores[i]).abs().max() > 1e-3  # the average is not the plain pass
     labels = os.path.join(folder, 'labels', 'val')  # predictions named as the labels: into their folder, a clash
     before = {name: open(os.path.join(labels, name), 'rb').read() for name in os.listdir(labels)}
     with pytest.raises(UsageError, match=rf'--save-predictions {labels} would write over the label {labels}'):

@@ -215,6 +215,23 @@ def _random_state(module):
     return state
 
 
+def _conv_module_params(c_in, c_out, k):
+    """mmcv's ConvModule: a k x k conv without bias, BN (weight and bias; its running statistics are
+    buffers)."""
+    return c_in * c_out * k * k + 2 * c_out
+
+
+def _uperhead_params(in_channels, num_classes, channels=512, pool_scales=(1, 2, 3, 6)):
+    """segmentation.md §3's UPerHead summed layer by layer."""
+    ppm = len(pool_scales) * _conv_module_params(in_channels[-1], channels, 1)
+    bottleneck = _conv_module_params(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+    laterals = sum(_conv_module_params(c, channels, 1) for c in in_channels[:-1])
+    fpn_convs = (len(in_channels) - 1) * _conv_module_params(channels, channels, 3)
+    fpn_bottleneck = _conv_module_params(len(in_channels) * channels, channels, 3)
+    conv_seg = channels * num_classes + num_classes  # 1x1 with bias
+    return ppm + bottleneck + laterals + fpn_convs + fpn_bottleneck + conv_seg
+
+
 def test_uperhead_keys_shapes_and_parameter_count_as_mmseg():
     head = UPerHead([192, 384, 384, 384], 150)
     assert sorted(head.state_dict()) == sorted(MMSEG_UPERHEAD_KEYS)
@@ -222,7 +239,12 @@ def test_uperhead_keys_shapes_and_parameter_count_as_mmseg():
     assert tuple(sd['bottleneck.conv.weight'].shape) == (512, 2432, 3, 3)
     assert tuple(sd['fpn_bottleneck.conv.weight'].shape) == (512, 2048, 3, 3)
     assert tuple(sd['conv_seg.weight'].shape) == (150, 512, 1, 1)
-    assert sum(p.numel() for p in head.parameters()) == 29_088_918
+    # the count of §3's layers, summed here, is the one segmentation.md states for this head
+    assert sum(p.numel() for p in head.parameters()) == _uperhead_params([192, 384, 384, 384], 150) == 29_088_918
+    small = UPerHead([16, 24, 32, 40], 5, channels=8)
+    assert sum(p.numel() for p in small.parameters()) == _uperhead_params([16, 24, 32, 40], 5, channels=8)
+    # the auxiliary FCNHead: one 3x3 ConvModule to 256 and conv_seg
+    assert sum(p.numel() for p in FCNHead(384, 150).parameters()) == _conv_module_params(384, 256, 3) + 256 * 150 + 150
 
 
 def test_uperhead_equals_reference_computation_on_an_mmseg_state_dict():

@@ -88,11 +88,95 @@ def test_finetune_from_run_directory_to_new_size_and_classes(shapes, shapes_five
     assert diff < 1e-3
 
 
+def _how_mixed(before, after):
+    """How the batch `after` was made from `before` and its batch-reversed copy, worked out from the
+    pixels: ('mixup', lam) when every pixel is lam * before + (1 - lam) * reversed, ('cutmix', (y1, y2,
+    x1, x2)) when a box comes from the reversed batch and the rest is unchanged, None when unchanged."""
+    reversed_batch = before.flip(0)
+    if torch.equal(after, before):
+        return None
+    changed = (after != before).any(1).any(0)  # (H, W)
+    rows, cols = changed.any(1).nonzero()[:, 0].tolist(), changed.any(0).nonzero()[:, 0].tolist()
+    y1, y2, x1, x2 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = torch.zeros_like(changed)
+    box[y1:y2, x1:x2] = True
+    if torch.equal(after, torch.where(box, reversed_batch, before)):
+        return 'cutmix', (y1, y2, x1, x2)
+    difference = before - reversed_batch
+    lam = float(((after - reversed_batch) * difference).sum() / difference.square().sum())
+    torch.testing.assert_close(after, lam * before + (1 - lam) * reversed_batch, rtol=1e-5, atol=1e-5)
+    return 'mixup', lam
+
+
+def _smoothed_one_hot(labels, num_classes, smoothing):
+    y = torch.full((len(labels), num_classes), smoothing / num_classes)
+    y[torch.arange(len(labels)), labels] += 1 - smoothing
+    return y
+
+
 @pytest.mark.parametrize('labels', ['token', 'plain'])
-def test_mixup_paths(shapes, tmp_path, labels):
+def test_mixup_paths(shapes, tmp_path, monkeypatch, labels):
+    """The model trains on the mixed images and the loss gets the matching mixed targets: each
+    step's batch before and after mixing (recorded around the mixing call), the images the model's
+    patch embedding receives and the targets the loss receives, checked against a mixing worked out
+    here from the pixels."""
+    from timm.data import Mixup
+    from data import TokenLabelMixup, create_token_label_target
+    mixer = TokenLabelMixup if labels == 'token' else Mixup
+    mixed, seen_images, seen_targets = [], [], []
+    real_call, real_build, real_loss = mixer.__call__, train_script.build_model, train_script.build_train_loss
+
+    def call(self, x, target):
+        before = (x.clone(), target.clone())
+        out = real_call(self, x, target)
+        mixed.append((*before, out[0].clone(), out[1].clone()))
+        return out
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.patch_embed.register_forward_pre_hook(
+            lambda module, args: seen_images.append(args[0].detach().clone()) if module.training else None)
+        return model
+
+    def build_train_loss(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        return lambda output, target: seen_targets.append(target.detach().clone()) or loss(output, target)
+
+    monkeypatch.setattr(mixer, '__call__', call)
+    monkeypatch.setattr(train_script, 'build_model', build_model)
+    monkeypatch.setattr(train_script, 'build_train_loss', build_train_loss)
     extra = _token_args(shapes) if labels == 'token' else []
     run = _run(shapes, tmp_path, '--epochs', '1', '--mixup', '0.8', '--cutmix', '1.0', *extra)
-    assert len(_summary(run)) == 1 and float(_summary(run)[0]['train_loss']) > 0
+    monkeypatch.undo()
+    assert len(_summary(run)) == 1
+    assert len(mixed) == len(seen_images) == len(seen_targets) == 3  # 24 training images, -b 8
+    ways = []
+    for (images, targets, images_out, targets_out), model_input, loss_target in zip(mixed, seen_images, seen_targets):
+        assert torch.equal(model_input, images_out), 'the model did not get the mixed images'
+        assert torch.equal(loss_target, targets_out), 'the loss did not get the mixed targets'
+        how = _how_mixed(images, images_out)
+        ways.append(how and how[0])
+        if labels == 'plain':  # (B,) class indices: smoothed one-hot (--smoothing 0.1), mixed by the pasted area
+            unmixed = _smoothed_one_hot(targets, 3, 0.1)
+        else:  # token-label layouts: the class, image and token slots (checked in test_token_label.py), mixed here
+            unmixed = create_token_label_target(targets, num_classes=3, smoothing=0.1, label_size=2)
+        if how is None:
+            expected = unmixed
+        elif how[0] == 'mixup':
+            expected = how[1] * unmixed + (1 - how[1]) * unmixed.flip(0)
+        else:
+            (y1, y2, x1, x2), (h, w) = how[1], images.shape[2:]
+            area = 1 - (y2 - y1) * (x2 - x1) / (h * w)
+            expected = area * unmixed + (1 - area) * unmixed.flip(0)
+            if labels == 'token':  # each token's label from the image its centre shows
+                for i in range(2):
+                    for j in range(2):
+                        if y1 <= (i + 0.5) * h / 2 < y2 and x1 <= (j + 0.5) * w / 2 < x2:
+                            expected[:, :, 2 + i * 2 + j] = unmixed.flip(0)[:, :, 2 + i * 2 + j]
+                        else:
+                            expected[:, :, 2 + i * 2 + j] = unmixed[:, :, 2 + i * 2 + j]
+        torch.testing.assert_close(targets_out, expected, rtol=1e-5, atol=1e-5)
+    assert all(ways), ways  # --mixup-prob 1: every batch is mixed (by mixup or by cutmix)
 
 
 def test_yaml_config_and_command_line_precedence(shapes, tmp_path):
@@ -142,17 +226,19 @@ def test_distributed_train_sh_hands_the_script_and_its_arguments_to_torchrun(tmp
     assert launch('2', '--script')[0] == launch()[0] == 2
 
 
-def _direct_metrics(model, folder, img_size, crop_pct):
+def _direct_metrics(model, folder, img_size, crop_pct, amp=False):
+    """top-1, top-5 (every class of 3) and loss of `model` on the class folders in `folder`, all
+    images in one batch (amp: under CPU autocast to bfloat16, as validate.py --amp on a CPU)."""
     from data.dataset import ImageFolderDataset
     from timm.data import create_transform
     t = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation='bicubic')
     ds = ImageFolderDataset(folder, transform=t)
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
     ys = torch.tensor([ds[i][1] for i in range(len(ds))])
-    with torch.no_grad():
-        out = model.eval()(xs)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        out = model.eval()(xs).float()
     top5 = out.topk(3, 1).indices  # 3 classes: top-5 is every class
-    return dict(top1=100. * (top5[:, 0] == ys).float().mean().item(),
+    return dict(classes_predicted=len(set(top5[:, 0].tolist())), top1=100. * (top5[:, 0] == ys).float().mean().item(),
                 top5=100. * (top5 == ys[:, None]).any(1).float().mean().item(),
                 loss=torch.nn.functional.cross_entropy(out, ys).item())
 
@@ -297,13 +383,20 @@ def test_recipes_parse_and_match_the_reference(config):
 
 def test_apex_amp_falls_back_to_native_bf16_on_cpu(shapes, tmp_path, caplog):
     with caplog.at_level('INFO'):
-        run = _run(shapes, tmp_path, '--epochs', '1', '--apex-amp', '--channels-last', *_token_args(shapes))
+        run = _run(shapes, tmp_path, '--epochs', '2', '--apex-amp', '--channels-last', *_token_args(shapes))
     assert 'NVIDIA apex is not installed; using native torch.amp' in caplog.text
     assert 'Mixed precision: native' in caplog.text and 'bfloat16' in caplog.text
     assert float(_summary(run)[0]['train_loss']) > 0
-    rows = validate_script.main([shapes, '--model', 'volo_test', '--checkpoint', os.path.join(run, 'last.pth.tar'),
-                                 '--img-size', '32', '-j', '0', '--amp', '--channels-last'])
-    assert 0 <= rows[0]['top1'] <= 100
+    ckpt = os.path.join(run, 'last.pth.tar')
+    rows = validate_script.main([shapes, '--model', 'volo_test', '--checkpoint', ckpt, '--img-size', '32', '-j', '0',
+                                 '--amp', '--channels-last'])
+    model = timm.create_model('volo_test', img_size=32, num_classes=3)
+    load_pretrained_weights(model, ckpt)
+    expected = _direct_metrics(model, os.path.join(shapes, 'val'), 32, 0.96, amp=True)
+    assert expected['classes_predicted'] > 1  # a model that predicts one class would hide a wrong top-1
+    assert rows[0]['crop_pct'] == 0.96 and rows[0]['num_images'] == 12
+    assert rows[0]['top1'] == pytest.approx(expected['top1'], abs=1e-3)
+    assert rows[0]['loss'] == pytest.approx(expected['loss'], rel=1e-3)
 
 
 def test_one_log_line_per_message_and_no_progress_bar_when_redirected(shapes, tmp_path, capfd):

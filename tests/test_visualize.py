@@ -48,12 +48,38 @@ def test_class_attention_sums_to_one_and_reproduces_the_block(model):
         assert torch.allclose(rebuilt, block(x), atol=1e-5)
 
 
+def _final_features(net, image):
+    """The output of the model's final norm for one image (grad-enabled): the tokens (1, 1 + N, C) of
+    a VOLO, the map (1, C, H, W) of a Visformer, recorded by a hook on that module."""
+    saved = {}
+    hook = net.norm.register_forward_hook(lambda module, inputs, output: saved.update(out=output))
+    try:
+        net(image[None])
+    finally:
+        hook.remove()
+    return saved['out']
+
+
+def _logits_by_hand(net, features):
+    """The class logits written out from the heads' weights: VOLO's head on the class token plus half
+    the tokens' best aux_head logit per class; Visformer's head on the map's mean."""
+    if isinstance(net, VOLO):
+        return F.linear(features[:, 0], net.head.weight, net.head.bias) + \
+            0.5 * F.linear(features[:, 1:], net.aux_head.weight, net.aux_head.bias).amax(1)
+    return F.linear(features.mean((2, 3)), net.head.weight, net.head.bias)
+
+
 def test_dense_prediction_is_per_token_probabilities(model):
     image = torch.randn(3, 64, 96)
     dense, overall = visualize.dense_prediction(model, image)
     assert dense.shape == (4, 6, 4) and torch.allclose(dense.sum(-1), torch.ones(4, 6))
     with torch.no_grad():
-        assert torch.allclose(overall, model(image[None]).softmax(-1)[0], atol=1e-6)
+        tokens = _final_features(model, image)  # the class token, then the 4x6 patches row by row
+        aux = F.linear(tokens[0, 1:], model.aux_head.weight, model.aux_head.bias).softmax(-1)
+        for r in range(4):
+            for c in range(6):
+                torch.testing.assert_close(dense[r, c], aux[r * 6 + c], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(overall, _logits_by_hand(model, tokens)[0].softmax(-1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope='module')
@@ -81,13 +107,13 @@ def test_visformer_attention_is_the_blocks_own(visformer):
 
 
 def _grad_cam_by_hand(model, layer, image, class_index, grid):
-    """Grad-CAM written out: the layer's activations and the class score's gradients, weights = the
-    gradients' mean over the map, ReLU of the weighted sum, scaled to [0, 1], bilinear to the image
-    size, scaled to [0, 1]."""
+    """Grad-CAM written out: the layer's activations and the gradients of the class score (the logit
+    computed from the heads' weights), weights = the gradients' mean over the map, ReLU of the
+    weighted sum, scaled to [0, 1], bilinear to the image size, scaled to [0, 1]."""
     saved = {}
     hook = layer.register_forward_hook(lambda module, inputs, output: saved.update(out=output))
     try:
-        score = model(image[None])[0, class_index]
+        score = _logits_by_hand(model, _final_features(model, image))[0, class_index]
     finally:
         hook.remove()
     activations = saved['out']
@@ -111,9 +137,11 @@ def test_class_activation_map_is_grad_cam(model, visformer, which):
     image = torch.randn(3, 64, 96)
     heat, top = visualize.class_activation_map(net, image)
     with torch.no_grad():
-        assert top == int(net(image[None]).argmax())
+        logits = _logits_by_hand(net, _final_features(net, image))[0]
+    assert top == int(logits.argmax()) and logits[top] > logits.topk(2).values[1] + 1e-4  # the top class, no tie
     layer = visualize.cam_layer(net)
     assert layer is (model.network[-1][-1] if which == 'volo' else visformer.stage3[-1])
+    torch.testing.assert_close(heat, _grad_cam_by_hand(net, layer, image, top, (4, 6)), rtol=0, atol=1e-4)
     for class_index in (top, (top + 1) % 4):
         heat, used = visualize.class_activation_map(net, image, class_index)
         expected = _grad_cam_by_hand(net, layer, image, class_index, (4, 6))
