@@ -202,6 +202,15 @@ class RunDirectory:
         return self.path
 
 
+def newest_run(output, kind):
+    """The run directory under <output>/<kind>/ written last (the one a trainer just made or resumed)."""
+    runs = [d for d in glob.glob(os.path.join(output, kind, '*')) if os.path.isdir(d)]
+    if not runs:
+        raise ResumeError(f'no run under {os.path.join(output, kind)}')
+    return max(runs, key=lambda d: os.path.getmtime(os.path.join(d, 'summary.csv'))
+               if os.path.isfile(os.path.join(d, 'summary.csv')) else os.path.getmtime(d))
+
+
 def run_trainer(main, argv, logger, errors=()):
     """A trainer's command line: main(argv), the expected errors (the engine's and `errors`) in one
     line with exit code 2, Ctrl-C with 130 (utils/cli.py)."""

@@ -131,3 +131,22 @@ def test_every_family_registers_its_checkpoint_hooks():
     assert model_hooks(build_segmentor('volo_d1', 3, img_size=(32, 32))).checkpoint_variant is \
         models.segmentation.checkpoint_variant
 
+
+def test_no_top_level_script_is_imported_by_anything_else():
+    """What scripts share lives below them (engine/, inference/): no script, tool, package or notebook
+    imports a top-level script (the tests do, to run them)."""
+    import json
+    sources = [p for p in glob.glob(os.path.join(REPO, '*.py')) if os.path.basename(p) not in ('conftest.py',)]
+    sources += [p for package in PACKAGES + ('tools',) for p in glob.glob(os.path.join(REPO, package, '*.py'))]
+    wrong = {}
+    for path in sources:
+        package = os.path.basename(os.path.dirname(path)) if os.path.dirname(path) != REPO else None
+        found = repo_imports(path, package) & set(TOP_LEVEL_SCRIPTS)
+        if found:
+            wrong[os.path.relpath(path, REPO)] = sorted(found)
+    for path in glob.glob(os.path.join(REPO, 'notebooks', '*.ipynb')):
+        code = '\n'.join(''.join(c['source']) for c in json.load(open(path))['cells'] if c['cell_type'] == 'code')
+        found = {n for n in TOP_LEVEL_SCRIPTS if f'import {n}' in code or f'from {n} ' in code}
+        if found:
+            wrong[os.path.relpath(path, REPO)] = sorted(found)
+    assert not wrong, f'scripts imported by others: {wrong}'

@@ -1,5 +1,7 @@
-"""The exit codes every script's command line shares."""
+"""The exit codes every script's command line shares, and running a command in this process."""
 import logging
+import os
+import runpy
 import sys
 
 import torch.distributed as dist
@@ -25,6 +27,24 @@ def message(error: BaseException) -> str:
         last = text.strip().splitlines()[-1]
         return last.split(': ', 1)[1] if ': ' in last else last
     return text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_command(script, argv):
+    """`python SCRIPT ARGV...` run in this process, as its own command line runs it (runpy, as
+    __main__): how the demos and the notebook run the commands they show, without importing a script.
+    Returns the exit code (its errors are already said, in one line)."""
+    saved = sys.argv
+    sys.argv = [os.path.join(REPO, script), *map(str, argv)]
+    try:
+        runpy.run_path(sys.argv[0], run_name='__main__')
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def run_cli(main, argv, errors, logger: logging.Logger, interrupted='interrupted'):
