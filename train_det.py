@@ -17,6 +17,7 @@ model_best.pth.tar. Outputs go to <output>/train_det/<time>-<detector>-<model>/;
 """
 import argparse
 import logging
+import os
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -147,9 +148,13 @@ def build_data(args, runtime):
     val_set = None
     try:
         images, annotations = coco_split(args.data_dir, 'val', args.val_images, args.val_ann)
-        val_set = CocoInstances(images, annotations, with_masks=False)
     except DataError as e:
         _logger.warning('no evaluation during training: %s', e)
+    else:
+        if os.path.isfile(annotations) and os.path.isdir(images):  # a val split that is there must be right
+            val_set = CocoInstances(images, annotations, with_masks=False)
+        else:
+            _logger.warning('no evaluation during training: no val split (%s, %s)', annotations, images)
     if val_set is not None and val_set.label_to_category != train_set.label_to_category:
         raise DataError(f'the val annotations {val_set.annotations_file} list categories '
                         f'{val_set.label_to_category[1:]}, the train annotations {train_set.label_to_category[1:]}')

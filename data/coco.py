@@ -15,7 +15,8 @@ Any COCO-format annotation file with its image folder (COCO's own is `annotation
 What cannot be right (a field of the wrong type or value, an image file that is missing, an
 annotation of an unknown image or category, a box outside its image, a mask of another size than
 its image) is a DataError naming the file and the id, raised when the dataset is opened, before any
-work; an image whose size disagrees with the file, or that cannot be read, when it is loaded.
+work; so is an image whose size (read from its header, as shown) disagrees with the file; an image
+whose pixels cannot be decoded, when it is loaded.
 """
 import contextlib
 import io
@@ -26,6 +27,7 @@ from typing import List
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Sampler, Subset
@@ -35,7 +37,7 @@ from torchvision.transforms import v2
 
 from .coco_annotations import read_coco_annotations
 from .dataset import DataError
-from .images import read_image
+from .images import displayed_size, read_image
 
 __all__ = ['CocoInstances', 'AspectRatioBatchSampler', 'coco_split', 'collate_detection', 'detection_eval_loader',
            'detection_train_transform',
@@ -158,10 +160,25 @@ class CocoInstances(CocoDetection):
         return [self.coco.imgs[i]['width'] / self.coco.imgs[i]['height'] for i in self.ids]
 
     def _check_files(self):
+        """Every image file exists and has the size the annotation file gives it, as shown (EXIF
+        orientation applied), read from its header only: a mismatch stops the run when it opens the
+        dataset, not hours into an epoch."""
         for image_id in self.ids:
-            path = os.path.join(self.root, self.coco.imgs[image_id]['file_name'])
+            info = self.coco.imgs[image_id]
+            path = os.path.join(self.root, info['file_name'])
             if not os.path.isfile(path):
                 raise DataError(f'{path}: image {image_id} of {self.annotations_file} is missing')
+            try:
+                with Image.open(path) as image:
+                    shown = displayed_size(image)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f'{path}: not a readable image ({e})') from None
+            if shown != (info['width'], info['height']):
+                raise DataError(self._size_mismatch(path, image_id, shown))
+
+    def _size_mismatch(self, path, image_id, size):
+        return (f'{path}: image {image_id} is {size[0]}x{size[1]} as shown, but {self.annotations_file} gives it '
+                f'{self.coco.imgs[image_id]["width"]}x{self.coco.imgs[image_id]["height"]}')
 
     def _load_image(self, image_id):
         """The image as shown (EXIF orientation applied), which must have the size the annotation file
@@ -169,9 +186,8 @@ class CocoInstances(CocoDetection):
         info = self.coco.imgs[image_id]
         path = os.path.join(self.root, info['file_name'])
         image = read_image(path)
-        if image.size != (info['width'], info['height']):
-            raise DataError(f'{path}: image {image_id} is {image.size[0]}x{image.size[1]} as shown, but '
-                            f'{self.annotations_file} gives it {info["width"]}x{info["height"]}')
+        if image.size != (info['width'], info['height']):  # the file changed since the dataset was opened
+            raise DataError(self._size_mismatch(path, image_id, image.size))
         return image
 
     def _mask(self, ann, height, width):

@@ -186,6 +186,8 @@ def read_coco_annotations(path, with_masks=False) -> dict:
     for index, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             raise DataError(f'{path}: annotations[{index}]: expected an object, found {type(ann).__name__}')
+        if not isinstance(ann.get('id'), int) or isinstance(ann.get('id'), bool):
+            raise DataError(f'{path}: annotations[{index}]: id must be a whole number, found {ann.get("id")!r}')
         if ann.get('id') in seen:
             raise DataError(f'{path}: annotation {ann.get("id")}: the id is used twice')
         seen.add(ann.get('id'))

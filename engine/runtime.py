@@ -134,7 +134,8 @@ def setup_runtime(args, training=True):
         random.seed(seed + rank)
         np.random.seed(seed + rank)
         torch.manual_seed(seed + rank)
-    configure_cuda(device)
+    if training:  # evaluation keeps exact float32 (validate.py, which sets up no runtime, does too)
+        configure_cuda(device)
     runtime = Runtime(device, rank, world_size, resolve_amp(args, device, training))
     if training and rank == 0:
         _logger.info('Mixed precision: %s', ' '.join(filter(None, (runtime.amp.kind, runtime.amp.dtype))) or
