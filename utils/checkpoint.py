@@ -313,9 +313,9 @@ def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, 
     model_classes = getattr(model, 'num_classes', None)
     if num_classes is not None and model_classes is not None and num_classes != model_classes:
         raise ValueError(f'num_classes={num_classes} but the model was built with {model_classes} classes')
-    filter_fn = model_hooks(model).checkpoint_filter_fn if adapt and model_hooks(model) else None
-    if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
+    hooks = model_hooks(model)
+    if adapt and hooks is not None:
+        state_dict = hooks.checkpoint_filter_fn(state_dict, model)
     model_state = model.state_dict()
 
     # classifier heads whose class count differs: fresh heads, asked for explicitly
@@ -334,7 +334,7 @@ def load_pretrained_weights(model, checkpoint_path: str, use_ema: bool = False, 
             raise CheckpointError(
                 f'{path} looks like {file_kind}, but the model is {model_kind}; first differences: '
                 + '; '.join(details))
-        model_name = model_kind if model_hooks(model) and model_kind in model_hooks(model).variants \
+        model_name = model_kind if hooks is not None and model_kind in hooks.variants \
             else f'{type(model).__name__} model' + (f' ({model_kind})' if model_kind else '')
         raise CheckpointError(f'{path} does not fit the {model_name} ({len(mismatched)} '
                               f'tensors of other shapes, {len(missing)} missing, {len(unexpected)} unexpected): '
