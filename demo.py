@@ -11,24 +11,20 @@ not learn.
 Options other than these go to main.py and override the recipe (configs/demo.yaml); --per-class
 applies when the data folder is first written.
 """
-import argparse
+import json
 import logging
 import os
 import sys
 
-import json
-
 from data import DataError
 from data.synthetic import make_shapes_dataset
-from engine import DiskFullError, ResumeError, newest_run
-from utils import CheckpointError
-from utils.cli import NonFiniteLoss, UsageError, run_cli, run_command
-from utils.config import non_negative_int, positive_int
+from engine import demo_parser, newest_run, run_trainer
+from utils.cli import run_command
+from utils.config import positive_int
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.yaml')
 CLASSES = 4
 MIN_TOP1 = 70.0  # percent; chance is 100 / CLASSES = 25%
-ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError)  # one line, exit 2
 
 
 def not_learned(top1):
@@ -41,15 +37,10 @@ def not_learned(top1):
 
 def main(argv=None):
     """Runs the demo; returns the exit code: 0, or 1 (after one line on stderr) when it did not learn."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument('--data', default='demo_data')
-    p.add_argument('--output', default='output')
+    p = demo_parser(__doc__, data='demo_data')
     p.add_argument('--epochs', type=positive_int, default=None, help='override the recipe (configs/demo.yaml: 10)')
     p.add_argument('--per-class', type=positive_int, default=64,
                    help='training images per class (a quarter as many validation images); default 64')
-    p.add_argument('-j', '--workers', type=non_negative_int, default=2,
-                   help='data loader workers, training and validation')
     args, trainer_options = p.parse_known_args(argv)
     make_shapes_dataset(args.data, num_classes=CLASSES, train_per_class=args.per_class,
                         val_per_class=max(1, args.per_class // 4), img_size=64, label_size=8)
@@ -78,5 +69,10 @@ def main(argv=None):
     return 0
 
 
+def cli(argv=None):
+    """The command line: main's exit code; bad input is one line and exit code 2 (engine.run_trainer)."""
+    return run_trainer(main, argv, logging.getLogger('demo'), errors=(DataError,))
+
+
 if __name__ == '__main__':
-    sys.exit(run_cli(main, None, ERRORS, logging.getLogger('demo')))
+    sys.exit(cli())

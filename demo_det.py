@@ -24,16 +24,14 @@ import yaml
 
 from data import DataError
 from data.synthetic_det import make_coco_dataset
-from engine import DiskFullError, ResumeError, newest_run, write_atomically
+from engine import demo_parser, newest_run, run_trainer, write_atomically
 from engine.files import write_staged
 from models.detection import build_detector, position_grid_size
-from utils import CheckpointError
-from utils.cli import NonFiniteLoss, UsageError, run_cli, run_command
-from utils.config import non_negative_int, positive_int
+from utils.cli import run_command
+from utils.config import positive_int
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'det', 'demo.yaml')
 MIN_AP = 25.0  # box and mask AP (percent); the same detector untrained gives 0.0 on the demo's data
-ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError)  # one line, exit 2
 
 
 def not_learned(trained, untrained):
@@ -58,16 +56,11 @@ def untrained_checkpoint(path, args):
 
 def main(argv=None):
     """Runs the demo; returns the exit code: 0, or 1 (after one line on stderr) when it did not learn."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument('--data', default='demo_det_data')
-    p.add_argument('--output', default='output')
+    p = demo_parser(__doc__, data='demo_det_data')
     p.add_argument('--epochs', type=positive_int, default=None,
                    help='override the recipe (configs/det/demo.yaml: 5)')
     p.add_argument('--train-images', type=positive_int, default=80,
                    help='training images, at least 10 (a fifth as many validation images); default 80')
-    p.add_argument('-j', '--workers', type=non_negative_int, default=2,
-                   help='data loader workers, training and validation')
     args, trainer_options = p.parse_known_args(argv)
     if args.train_images < 10:
         p.error(f'--train-images {args.train_images}: at least 10 (2 validation images; the last has no objects)')
@@ -106,5 +99,10 @@ def main(argv=None):
     return 0
 
 
+def cli(argv=None):
+    """The command line: main's exit code; bad input is one line and exit code 2 (engine.run_trainer)."""
+    return run_trainer(main, argv, logging.getLogger('demo_det'), errors=(DataError,))
+
+
 if __name__ == '__main__':
-    sys.exit(run_cli(main, None, ERRORS, logging.getLogger('demo_det')))
+    sys.exit(cli())

@@ -13,7 +13,6 @@ not learn.
 Options other than these go to train_seg.py and override the recipe (configs/seg/demo.yaml);
 --train-images applies when the data folder is first written.
 """
-import argparse
 import json
 import logging
 import os
@@ -24,16 +23,14 @@ import torch
 
 from data import DataError, build_seg_dataset
 from data.synthetic_seg import make_seg_dataset
-from engine import DiskFullError, ResumeError, newest_run
-from utils import CheckpointError
-from utils.cli import NonFiniteLoss, UsageError, run_cli, run_command
-from utils.config import non_negative_int, positive_int
+from engine import demo_parser, newest_run, run_trainer
+from utils.cli import run_command
+from utils.config import positive_int
 from utils.seg_metrics import SegmentationMetric
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'seg', 'demo.yaml')
 CLASSES = 5
 MIN_MIOU = 40.0  # always predicting the most frequent class (background) gives 17.0 on the demo's data
-ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError)  # one line, exit 2
 
 
 def not_learned(miou, baseline):
@@ -63,16 +60,11 @@ def majority_class_miou(root, split='val'):
 
 def main(argv=None):
     """Runs the demo; returns the exit code: 0, or 1 (after one line on stderr) when it did not learn."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument('--data', default='demo_seg_data')
-    p.add_argument('--output', default='output')
+    p = demo_parser(__doc__, data='demo_seg_data')
     p.add_argument('--iters', type=positive_int, default=None,
                    help='override the recipe (configs/seg/demo.yaml: 300)')
     p.add_argument('--train-images', type=positive_int, default=200,
                    help='training images (a fifth as many validation images); default 200')
-    p.add_argument('-j', '--workers', type=non_negative_int, default=2,
-                   help='data loader workers, training and validation')
     args, trainer_options = p.parse_known_args(argv)
     make_seg_dataset(args.data, 'seg-folder', num_classes=CLASSES, train=args.train_images,
                      val=max(1, args.train_images // 5), size=(64, 64), seed=0)
@@ -103,5 +95,10 @@ def main(argv=None):
     return 0
 
 
+def cli(argv=None):
+    """The command line: main's exit code; bad input is one line and exit code 2 (engine.run_trainer)."""
+    return run_trainer(main, argv, logging.getLogger('demo_seg'), errors=(DataError,))
+
+
 if __name__ == '__main__':
-    sys.exit(run_cli(main, None, ERRORS, logging.getLogger('demo_seg')))
+    sys.exit(cli())

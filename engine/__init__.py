@@ -6,7 +6,7 @@ keeps only what is its own: model, data, loss, schedule, metric."""
 from .checkpoint_saver import CheckpointSaver
 from .files import DiskFullError, check_writable_folder, save_figure, save_image, write_atomically
 from .options import (add_amp_options, add_config_option, add_device_options, add_renamed, add_training_options,
-                      extends_run, parse_with_config, resolved_later, run_extending)
+                      demo_parser, extends_run, parse_with_config, resolved_later, run_extending)
 from .run import Resume, RunDirectory, complete_summary, find_resume, newest_run, resume_training, run_trainer
 from .runs import ResumeError
 from .runtime import (Amp, DeviceError, Runtime, distributed_model, resolve_amp, select_device, setup_runtime,

@@ -89,6 +89,19 @@ def parse_with_config(parser, argv=None):
     return args
 
 
+def demo_parser(description, data):
+    """A demo's command line: where its generated data (`data`) and its runs go, and the loader
+    workers of its training and validation; the demo adds its own size options, and what it is not
+    given goes to its trainer (parse_known_args)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument('--data', default=data)
+    parser.add_argument('--output', default='output')
+    parser.add_argument('-j', '--workers', type=non_negative_int, default=2,
+                        help='data loader workers, training and validation')
+    return parser
+
+
 def add_device_options(parser, workers=4):
     extends_run(parser.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: CUDA when present)"))
     extends_run(parser.add_argument('-j', '--workers', type=non_negative_int, default=workers,

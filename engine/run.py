@@ -212,7 +212,7 @@ def newest_run(output, kind):
 
 
 def run_trainer(main, argv, logger, errors=()):
-    """A trainer's command line: main(argv), the expected errors (the engine's and `errors`) in one
-    line with exit code 2, Ctrl-C with 130 (utils/cli.py)."""
-    run_cli(main, argv, (UsageError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError, *errors), logger,
+    """A trainer's (or a demo's) command line: main(argv), returned; the expected errors (the
+    engine's and `errors`) in one line with exit code 2, Ctrl-C with 130 (utils/cli.py)."""
+    return run_cli(main, argv, (UsageError, CheckpointError, NonFiniteLoss, ResumeError, DiskFullError, *errors), logger,
             'interrupted: the checkpoints written so far are kept; continue with --resume auto')

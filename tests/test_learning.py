@@ -3,7 +3,6 @@ folder (tools/digits.py), trained by main.py and validated by validate.py on the
 above chance. The demos: each one's whole code path at a reduced size, in this process, and its exit
 code: 1 with one line when the model did not learn (a learning rate of 0), 0 when it did."""
 import json
-import logging
 import os
 
 import numpy as np
@@ -16,7 +15,6 @@ import demo_seg
 import main as train_script
 import validate as validate_script
 from tools import digits
-from utils.cli import run_cli
 
 DIGITS_MIN_TOP1 = 85.0  # percent on the 359 held-out digits; chance 10%; measured 95.3-96.9 over seeds 0-5
 NO_LEARNING = ['--lr', '0']  # the weights never move (main.py: with --min-lr 0 and no warmup)
@@ -76,10 +74,10 @@ def test_volo_learns_real_handwritten_digits(digits_folder, tmp_path):
 
 
 def _run_demo(module, argv, capsys):
-    """The demo's command line as `python demo*.py` runs it (utils/cli.run_cli): (exit code, the lines
-    on stderr that say the model did not learn)."""
+    """The demo's command line as `python demo*.py` runs it (its cli()): (exit code, the lines on
+    stderr that say the model did not learn)."""
     capsys.readouterr()
-    code = run_cli(module.main, argv, module.ERRORS, logging.getLogger('test_demo'))
+    code = module.cli(argv)
     said = [line for line in capsys.readouterr().err.splitlines() if 'did not learn' in line]
     return code, said
 
