@@ -207,8 +207,7 @@ def newest_run(output, kind):
     runs = [d for d in glob.glob(os.path.join(output, kind, '*')) if os.path.isdir(d)]
     if not runs:
         raise ResumeError(f'no run under {os.path.join(output, kind)}')
-    return max(runs, key=lambda d: os.path.getmtime(os.path.join(d, 'summary.csv'))
-               if os.path.isfile(os.path.join(d, 'summary.csv')) else os.path.getmtime(d))
+    return max(runs, key=os.path.getmtime)  # every file a run writes is moved into its folder: its mtime
 
 
 def run_trainer(main, argv, logger, errors=()):
